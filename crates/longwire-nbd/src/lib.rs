@@ -1,1 +1,11 @@
+//! NBD for longwire: the wire format as a sans-IO codec ([`handshake`],
+//! [`transmission`]) and the session driver that runs it over a socket
+//! ([`server`]).
+#![forbid(unsafe_code)]
 
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+
+pub use server::{NbdServer, ServerConfig};

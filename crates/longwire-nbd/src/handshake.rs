@@ -1,0 +1,374 @@
+//! Sans-IO fixed-newstyle handshake: option bytes in, reply bytes out.
+//!
+//! The session driver reads the 16-byte option header and its payload from
+//! the socket, hands them to [`Handshake::handle_option`], writes whatever
+//! lands in the output buffer, and acts on the returned [`Step`]. Nothing
+//! here touches a socket, so every option path is unit-testable and fuzzable.
+
+use bytes::{BufMut, BytesMut};
+use longwire_core::{Capabilities, Export, ExportRegistry};
+
+use crate::proto::*;
+
+/// Largest option payload we accept. Real options are a few KiB at most
+/// (names and context queries are capped at 4 KiB each); anything bigger is
+/// treated as abuse and ends the session.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+
+/// The server's opening bytes: NBDMAGIC, IHAVEOPT, handshake flags.
+pub fn greeting() -> [u8; 18] {
+    let mut g = [0u8; 18];
+    g[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    g[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    g[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    g
+}
+
+/// A violation that ends the session without a reply (hard disconnect).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    #[error("client sent unknown client flags {0:#x}")]
+    BadClientFlags(u32),
+    #[error("bad option magic {0:#x}")]
+    BadMagic(u64),
+    #[error("option payload of {0} bytes is too large")]
+    OptionTooLarge(u32),
+}
+
+/// Split a 16-byte option header into (option, payload length).
+pub fn parse_option_header(h: &[u8; 16]) -> Result<(u32, u32), HandshakeError> {
+    let magic = u64::from_be_bytes(h[..8].try_into().unwrap());
+    if magic != IHAVEOPT {
+        return Err(HandshakeError::BadMagic(magic));
+    }
+    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    if len > MAX_OPTION_LEN {
+        return Err(HandshakeError::OptionTooLarge(len));
+    }
+    Ok((opt, len))
+}
+
+/// Everything the transmission phase needs to know about what was agreed.
+#[derive(Debug, Clone)]
+pub struct Negotiated {
+    pub export: Export,
+    /// Structured replies were agreed (always true when `extended` is).
+    pub structured: bool,
+    /// Extended (64-bit) headers were agreed.
+    pub extended: bool,
+    /// The client selected `base:allocation` for this export.
+    pub base_allocation: bool,
+    /// Transmission flags as sent to the client.
+    pub flags: u16,
+}
+
+/// What the driver should do after an option has been handled.
+#[derive(Debug)]
+pub enum Step {
+    /// Write the output and read the next option.
+    Continue,
+    /// Write the output, then close the connection.
+    Close,
+    /// Write the output, then enter the transmission phase.
+    Transmit(Box<Negotiated>),
+}
+
+/// Transmission flags for a volume, given what the client negotiated.
+/// Each bit is set only when the volume really honours it.
+pub fn transmission_flags(caps: &Capabilities, structured: bool) -> u16 {
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+    if caps.read_only {
+        f |= FLAG_READ_ONLY;
+    } else {
+        if caps.can_trim {
+            f |= FLAG_SEND_TRIM;
+        }
+        // WRITE_ZEROES always works (at worst by writing zeros); FAST_ZERO is
+        // honest because a slow zero fails fast with ENOTSUP.
+        f |= FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        f |= FLAG_SEND_DF;
+    }
+    if caps.can_multi_conn {
+        f |= FLAG_CAN_MULTI_CONN;
+    }
+    f
+}
+
+/// State of one client's option haggling.
+#[derive(Debug, Default)]
+pub struct Handshake {
+    no_zeroes: bool,
+    structured: bool,
+    extended: bool,
+    /// Export name of the last SET_META_CONTEXT and whether it selected
+    /// `base:allocation`.
+    meta: Option<(String, bool)>,
+    /// Set by the driver when the server is shutting down.
+    pub shutting_down: bool,
+}
+
+impl Handshake {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Accept the client's 32-bit flags; unknown flags end the session.
+    pub fn client_flags(&mut self, flags: u32) -> Result<(), HandshakeError> {
+        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(HandshakeError::BadClientFlags(flags));
+        }
+        self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+        Ok(())
+    }
+
+    /// Handle one option; replies are appended to `out`.
+    pub fn handle_option(&mut self, opt: u32, data: &[u8], registry: &ExportRegistry, out: &mut BytesMut) -> Step {
+        if self.shutting_down && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                return Step::Close;
+            }
+            reply_err(out, opt, REP_ERR_SHUTDOWN, "server is shutting down");
+            return Step::Continue;
+        }
+        match opt {
+            OPT_EXPORT_NAME => self.export_name(data, registry, out),
+            OPT_ABORT => {
+                reply(out, opt, REP_ACK, &[]);
+                Step::Close
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    reply_err(out, opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                    return Step::Continue;
+                }
+                for e in registry.iter() {
+                    let mut d = BytesMut::with_capacity(4 + e.name.len() + e.description.len());
+                    d.put_u32(e.name.len() as u32);
+                    d.put_slice(e.name.as_bytes());
+                    d.put_slice(e.description.as_bytes());
+                    reply(out, opt, REP_SERVER, &d);
+                }
+                reply(out, opt, REP_ACK, &[]);
+                Step::Continue
+            }
+            OPT_STARTTLS => {
+                reply_err(out, opt, REP_ERR_POLICY, "TLS is not enabled on this server");
+                Step::Continue
+            }
+            OPT_INFO | OPT_GO => self.info_or_go(opt, data, registry, out),
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply_err(out, opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                } else if self.extended {
+                    reply_err(out, opt, REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated");
+                } else {
+                    self.structured = true;
+                    reply(out, opt, REP_ACK, &[]);
+                }
+                Step::Continue
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply_err(out, opt, REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data");
+                } else {
+                    self.extended = true;
+                    self.structured = true;
+                    reply(out, opt, REP_ACK, &[]);
+                }
+                Step::Continue
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(opt, data, registry, out);
+                Step::Continue
+            }
+            _ => {
+                reply_err(out, opt, REP_ERR_UNSUP, &format!("option {opt} is not supported"));
+                Step::Continue
+            }
+        }
+    }
+
+    fn export_name(&mut self, data: &[u8], registry: &ExportRegistry, out: &mut BytesMut) -> Step {
+        if self.extended {
+            // A client that negotiated extended headers MUST use GO.
+            return Step::Close;
+        }
+        let Some(name) = string(data) else { return Step::Close };
+        let Some(export) = registry.get(name) else {
+            return Step::Close;
+        };
+        let negotiated = self.negotiated(export, name);
+        out.put_u64(export.volume.size());
+        out.put_u16(negotiated.flags);
+        if !self.no_zeroes {
+            out.put_bytes(0, 124);
+        }
+        Step::Transmit(Box::new(negotiated))
+    }
+
+    fn negotiated(&self, export: &Export, requested_name: &str) -> Negotiated {
+        let base_allocation = match &self.meta {
+            Some((meta_name, selected)) => *selected && meta_name == requested_name,
+            None => false,
+        };
+        Negotiated {
+            export: export.clone(),
+            structured: self.structured,
+            extended: self.extended,
+            base_allocation,
+            flags: transmission_flags(&export.volume.capabilities(), self.structured),
+        }
+    }
+
+    fn info_or_go(&mut self, opt: u32, data: &[u8], registry: &ExportRegistry, out: &mut BytesMut) -> Step {
+        let mut r = Reader(data);
+        let parsed = (|| {
+            let name_len = r.u32()? as usize;
+            let name = string(r.take(name_len)?)?;
+            let n = r.u16()? as usize;
+            let mut infos = Vec::with_capacity(n.min(16));
+            for _ in 0..n {
+                infos.push(r.u16()?);
+            }
+            r.done()?;
+            Some((name, infos))
+        })();
+        let Some((name, infos)) = parsed else {
+            reply_err(out, opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request");
+            return Step::Continue;
+        };
+        let Some(export) = registry.get(name) else {
+            reply_err(out, opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}; NBD_OPT_LIST shows the exports"));
+            return Step::Continue;
+        };
+        let negotiated = self.negotiated(export, name);
+        let caps = export.volume.capabilities();
+
+        let mut d = BytesMut::with_capacity(12);
+        d.put_u16(INFO_EXPORT);
+        d.put_u64(export.volume.size());
+        d.put_u16(negotiated.flags);
+        reply(out, opt, REP_INFO, &d);
+
+        if infos.contains(&INFO_NAME) {
+            let mut d = BytesMut::new();
+            d.put_u16(INFO_NAME);
+            d.put_slice(export.name.as_bytes());
+            reply(out, opt, REP_INFO, &d);
+        }
+        if infos.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+            let mut d = BytesMut::new();
+            d.put_u16(INFO_DESCRIPTION);
+            d.put_slice(export.description.as_bytes());
+            reply(out, opt, REP_INFO, &d);
+        }
+        // Sent even when not requested: clients ignore what they did not ask for.
+        let mut d = BytesMut::with_capacity(14);
+        d.put_u16(INFO_BLOCK_SIZE);
+        d.put_u32(caps.min_block);
+        d.put_u32(caps.preferred_block.max(caps.min_block).max(512));
+        d.put_u32(caps.max_payload);
+        reply(out, opt, REP_INFO, &d);
+
+        reply(out, opt, REP_ACK, &[]);
+        if opt == OPT_GO {
+            Step::Transmit(Box::new(negotiated))
+        } else {
+            Step::Continue
+        }
+    }
+
+    fn meta_context(&mut self, opt: u32, data: &[u8], registry: &ExportRegistry, out: &mut BytesMut) {
+        let set = opt == OPT_SET_META_CONTEXT;
+        if set {
+            // SET replaces the previous selection even when it fails.
+            self.meta = None;
+        }
+        if !self.structured {
+            reply_err(out, opt, REP_ERR_INVALID, "negotiate structured replies before metadata contexts");
+            return;
+        }
+        let mut r = Reader(data);
+        let parsed = (|| {
+            let name_len = r.u32()? as usize;
+            let name = string(r.take(name_len)?)?;
+            let n = r.u32()?;
+            let mut queries = Vec::new();
+            for _ in 0..n {
+                let len = r.u32()? as usize;
+                queries.push(string(r.take(len)?)?);
+            }
+            r.done()?;
+            Some((name, queries))
+        })();
+        let Some((name, queries)) = parsed else {
+            reply_err(out, opt, REP_ERR_INVALID, "malformed metadata context request");
+            return;
+        };
+        if registry.get(name).is_none() {
+            reply_err(out, opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"));
+            return;
+        }
+        let matches = |q: &str| if set { q == BASE_ALLOCATION } else { q == BASE_ALLOCATION || q == "base:" };
+        let selected = if !set && queries.is_empty() { true } else { queries.iter().any(|q| matches(q)) };
+        if selected {
+            let mut d = BytesMut::new();
+            d.put_u32(if set { BASE_ALLOCATION_ID } else { 0 });
+            d.put_slice(BASE_ALLOCATION.as_bytes());
+            reply(out, opt, REP_META_CONTEXT, &d);
+        }
+        if set {
+            self.meta = Some((name.to_string(), selected));
+        }
+        reply(out, opt, REP_ACK, &[]);
+    }
+}
+
+/// Append one option reply.
+fn reply(out: &mut BytesMut, opt: u32, typ: u32, data: &[u8]) {
+    out.reserve(20 + data.len());
+    out.put_u64(OPT_REPLY_MAGIC);
+    out.put_u32(opt);
+    out.put_u32(typ);
+    out.put_u32(data.len() as u32);
+    out.put_slice(data);
+}
+
+/// Append an error reply carrying a human-readable message.
+fn reply_err(out: &mut BytesMut, opt: u32, typ: u32, msg: &str) {
+    reply(out, opt, typ, msg.as_bytes());
+}
+
+/// A protocol string: UTF-8, at most 4096 bytes.
+fn string(b: &[u8]) -> Option<&str> {
+    if b.len() > MAX_STRING {
+        return None;
+    }
+    std::str::from_utf8(b).ok()
+}
+
+/// Bounds-checked big-endian reader over an option payload.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    }
+    fn done(&self) -> Option<()> {
+        self.0.is_empty().then_some(())
+    }
+}

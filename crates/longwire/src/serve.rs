@@ -1,0 +1,195 @@
+//! `longwire serve`: open the volumes, bind the listeners, run until a
+//! signal, then shut down gracefully.
+//!
+//! Shutdown: stop accepting, let sessions finish in-flight requests (late
+//! requests get ESHUTDOWN), flush every volume, exit. Bounded in time so a
+//! stalled client cannot hold the process hostage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use longwire_core::{layers::ReadOnly, Export, ExportRegistry, Volume};
+use longwire_nbd::{NbdServer, ServerConfig};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::cli::ServeArgs;
+use crate::config::{Config, ExportConfig};
+
+/// How long sessions get to finish after a shutdown signal.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = Config::from_args(&args)?;
+    let registry = Arc::new(build_registry(&cfg.exports)?);
+
+    let mut server_cfg = ServerConfig::default();
+    if let Some(secs) = cfg.handshake_timeout {
+        server_cfg.handshake_timeout = Duration::from_secs(secs);
+    }
+    if let Some(n) = cfg.max_in_flight {
+        server_cfg.max_in_flight = n;
+    }
+    let shutdown = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let nbd = NbdServer::new(registry.clone(), server_cfg, shutdown.clone());
+
+    let first = registry.iter().next().map(|e| e.name.clone()).unwrap_or_default();
+    for addr in &cfg.listen {
+        let listener = bind_tcp(addr).await?;
+        let local = listener.local_addr()?;
+        info!("NBD listening on {local} (try: nbdinfo nbd://{local}/{first})");
+        tokio::spawn(accept_tcp(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
+    }
+    let unix_path = cfg.unix.clone();
+    if let Some(path) = &unix_path {
+        let listener = bind_unix(path)?;
+        info!("NBD listening on unix:{} (try: nbdinfo 'nbd+unix:///{first}?socket={}')", path.display(), path.display());
+        tokio::spawn(accept_unix(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
+    }
+
+    wait_for_signal().await?;
+    info!("shutting down: finishing in-flight requests");
+    shutdown.cancel();
+    sessions.close();
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, sessions.wait()).await.is_err() {
+        warn!("some connections did not finish within {SHUTDOWN_DEADLINE:?}; closing them");
+    }
+    flush_all(&registry).await;
+    if let Some(path) = unix_path {
+        let _ = std::fs::remove_file(path);
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Open every export's store and register it.
+fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
+    let mut registry = ExportRegistry::new();
+    for e in exports {
+        let opened = longwire_store::open_uri(&e.uri).map_err(|msg| anyhow!("export {:?}: {msg}", e.name))?;
+        let mut volume: Arc<dyn Volume> = opened.volume;
+        if e.readonly && !volume.capabilities().read_only {
+            volume = Arc::new(ReadOnly::new(volume));
+        }
+        let description = e.description.clone().or(opened.description).unwrap_or_default();
+        info!(
+            export = %e.name,
+            size = volume.size(),
+            read_only = volume.capabilities().read_only,
+            "export {:?} ready: {} ({})",
+            e.name,
+            e.uri,
+            human_size(volume.size())
+        );
+        registry
+            .add(Export { name: e.name.clone(), description, volume })
+            .map_err(|msg| anyhow!(msg))?;
+    }
+    Ok(registry)
+}
+
+async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
+    let sock: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("--listen {addr:?} is not an address like 127.0.0.1:10809 or [::1]:10809"))?;
+    TcpListener::bind(sock).await.with_context(|| format!("cannot listen on {sock}"))
+}
+
+fn bind_unix(path: &PathBuf) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    // A socket left behind by a previous run would make bind fail; remove
+    // it, but never remove anything that is not a socket.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on unix socket {}", path.display()))
+}
+
+async fn accept_tcp(listener: TcpListener, nbd: Arc<NbdServer>, sessions: TaskTracker, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (rd, wr) = stream.into_split();
+                sessions.spawn(nbd.clone().serve_connection(rd, wr, peer.to_string()));
+            }
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+async fn accept_unix(listener: UnixListener, nbd: Arc<NbdServer>, sessions: TaskTracker, shutdown: CancellationToken) {
+    let mut n = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                n += 1;
+                let (rd, wr) = stream.into_split();
+                sessions.spawn(nbd.clone().serve_connection(rd, wr, format!("unix#{n}")));
+            }
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+/// Out of file descriptors and the like: log and back off instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    error!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("received SIGTERM"),
+        _ = int.recv() => info!("received SIGINT"),
+    }
+    Ok(())
+}
+
+/// Make every acknowledged write durable before exiting.
+async fn flush_all(registry: &ExportRegistry) {
+    for e in registry.iter() {
+        if e.volume.capabilities().read_only {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), e.volume.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => error!(export = %e.name, "flush at shutdown failed: {err}"),
+            Err(_) => error!(export = %e.name, "flush at shutdown timed out"),
+        }
+    }
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
