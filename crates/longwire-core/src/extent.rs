@@ -36,7 +36,7 @@ impl Extent {
             return;
         }
         match list.last_mut() {
-            Some(last) if last.kind == ext.kind => last.len += ext.len,
+            Some(last) if last.kind == ext.kind => last.len = last.len.saturating_add(ext.len),
             _ => list.push(ext),
         }
     }

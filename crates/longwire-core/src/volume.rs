@@ -105,7 +105,9 @@ pub trait Volume: Send + Sync + 'static {
         let chunk = self.capabilities().max_payload.clamp(4096, 1 << 20) as u64;
         let zeros = BytesMut::zeroed(chunk as usize).freeze();
         let mut pos = offset;
-        let end = offset + len;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| VolumeError::NoSpace(format!("zeroing {len} bytes at {offset} overflows")))?;
         while pos < end {
             let n = chunk.min(end - pos);
             self.write(pos, zeros.slice(..n as usize), false).await?;
@@ -124,7 +126,10 @@ pub trait Volume: Send + Sync + 'static {
     }
 
     /// Allocation map of the range starting at `offset`, covering at least
-    /// one byte and at most roughly `len` bytes. The default says "data".
+    /// one byte and at most roughly `len` bytes (`len` is never 0). `Zero`
+    /// versus `Data` is best effort: allocated zeros may be reported as data,
+    /// but `Hole`/`Zero` must only be claimed for ranges that read as zeros.
+    /// The default says "data".
     async fn extents(&self, offset: u64, len: u64) -> VolumeResult<Vec<Extent>> {
         let _ = offset;
         Ok(vec![Extent::new(len, ExtentKind::Data)])

@@ -1,1 +1,24 @@
-//! stores
+//! Stores: the [`Volume`](longwire_core::Volume) implementations that hold
+//! the bytes.
+//!
+//! - [`MemoryVolume`]: sparse RAM, for tests, scratch disks and benchmarks
+//!   that should not measure a disk.
+//! - [`FileVolume`]: a raw image file (or block device) on Linux, using the
+//!   filesystem's own sparseness so holes cost nothing and are reported.
+//!
+//! [`open_uri`] turns a one-line volume description (`file:disk.img?size=10G`,
+//! `memory:?size=1G`) into a volume, so the command line and config files
+//! share one syntax and one set of error messages.
+//!
+//! Errors from opening are human-readable `String`s (they end up in front of
+//! an operator); errors from I/O are [`VolumeError`](longwire_core::VolumeError)s
+//! (they end up as errno values on the wire).
+
+pub mod file;
+pub mod memory;
+mod sparse;
+mod uri;
+
+pub use file::FileVolume;
+pub use memory::MemoryVolume;
+pub use uri::{open_uri, parse_size, OpenedVolume};

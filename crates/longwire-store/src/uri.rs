@@ -1,0 +1,429 @@
+//! One-line volume descriptions: `file:disk.img?size=10G&readonly=true`,
+//! `memory:?size=1G`.
+//!
+//! The same syntax is used on the command line and in config files, so the
+//! parsing and the error messages (which tell the user what to write
+//! instead) live here once.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use longwire_core::layers::ReadOnly;
+use longwire_core::Volume;
+
+use crate::{FileVolume, MemoryVolume};
+
+const SCHEMES: &str = "file: (file:PATH?size=10G) and memory: (memory:?size=1G)";
+const PARAMS: &str = "size, readonly and description";
+const SIZE_HELP: &str = "use a whole number of bytes, optionally followed by K, M, G, T or P \
+                         (powers of 1024, e.g. 10G)";
+
+/// A volume opened from a URI, with the description the URI gave it.
+pub struct OpenedVolume {
+    pub volume: Arc<dyn Volume>,
+    /// From `?description=…`, percent-decoded; shown to clients listing exports.
+    pub description: Option<String>,
+}
+
+impl std::fmt::Debug for OpenedVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedVolume")
+            .field("size", &self.volume.size())
+            .field("capabilities", &self.volume.capabilities())
+            .field("description", &self.description)
+            .finish()
+    }
+}
+
+/// Parse a size such as `1048576`, `64K`, `10G`, `2TiB`. Units are binary
+/// (K = 1024) whatever their spelling, so `10G` and `10GiB` agree.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    if num.is_empty() {
+        return Err(format!("invalid size {s:?}: {SIZE_HELP}"));
+    }
+    let shift = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        "p" | "pib" => 50,
+        u if u.starts_with('.') => {
+            return Err(format!(
+                "invalid size {s:?}: whole numbers only (write 1536M, not 1.5G)"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {unit:?}; {SIZE_HELP}"
+            ))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("size {s:?} is too large (the limit is {} bytes)", u64::MAX))
+}
+
+/// Where the bytes live.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    File(PathBuf),
+    Memory,
+}
+
+/// A parsed URI, before anything is opened.
+#[derive(Debug, PartialEq, Eq)]
+struct Spec {
+    target: Target,
+    size: Option<u64>,
+    readonly: bool,
+    description: Option<String>,
+}
+
+/// Open the volume a URI describes. Blocking (it may create or grow a file):
+/// call it at startup or from `spawn_blocking`.
+///
+/// - `file:PATH` (relative or absolute) or `file:///abs/path`: a raw image;
+///   with `size` it is created if missing or grown if smaller, never shrunk.
+/// - `memory:`: a sparse RAM disk; `size` is required.
+///
+/// Query parameters: `size` (see [`parse_size`]), `readonly`
+/// (true/false/1/0/yes/no) and `description` (percent-encoded, `+` is a
+/// space). Paths may percent-encode awkward characters (`%3F` for `?`).
+pub fn open_uri(uri: &str) -> Result<OpenedVolume, String> {
+    let spec = parse(uri)?;
+    let volume: Arc<dyn Volume> = match &spec.target {
+        Target::Memory => {
+            let size = spec.size.ok_or_else(|| {
+                format!("{uri}: a memory volume needs a size, e.g. memory:?size=1G")
+            })?;
+            Arc::new(MemoryVolume::new(size))
+        }
+        Target::File(path) => match FileVolume::open(path, spec.size, spec.readonly) {
+            Ok(v) => Arc::new(v),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && spec.size.is_none() => {
+                let sep = if uri.contains('?') { '&' } else { '?' };
+                return Err(format!(
+                    "{uri} does not exist; add {sep}size=10G (any size) to create it"
+                ));
+            }
+            Err(e) => return Err(format!("{uri}: {e}")),
+        },
+    };
+    let volume = if spec.readonly {
+        Arc::new(ReadOnly::new(volume))
+    } else {
+        volume
+    };
+    Ok(OpenedVolume {
+        volume,
+        description: spec.description,
+    })
+}
+
+fn parse(uri: &str) -> Result<Spec, String> {
+    let no_scheme = || {
+        format!("{uri:?} does not say what kind of volume it is; write file:{uri} for an image file. Valid kinds: {SCHEMES}")
+    };
+    let (scheme, rest) = uri.split_once(':').ok_or_else(no_scheme)?;
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return Err(no_scheme());
+    }
+    let (target, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let target = match scheme.to_ascii_lowercase().as_str() {
+        "file" => Target::File(file_path(uri, target)?),
+        "memory" if target.is_empty() => Target::Memory,
+        "memory" => {
+            return Err(format!(
+                "{uri}: memory volumes take no path; write memory:?size=1G"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "{uri}: unknown volume kind {scheme:?}; valid kinds are {SCHEMES}"
+            ))
+        }
+    };
+
+    let mut spec = Spec {
+        target,
+        size: None,
+        readonly: false,
+        description: None,
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for part in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, raw) = match part.split_once('=') {
+            Some(kv) => kv,
+            // A bare `readonly` reads naturally as "readonly=true".
+            None if part == "readonly" => (part, "true"),
+            None => {
+                return Err(format!(
+                    "{uri}: parameter {part:?} needs a value, e.g. {part}=…"
+                ))
+            }
+        };
+        if seen.contains(&key) {
+            return Err(format!("{uri}: parameter {key:?} is given twice"));
+        }
+        seen.push(key);
+        let value = decode(raw, true).map_err(|e| format!("{uri}: {key}: {e}"))?;
+        let value =
+            String::from_utf8(value).map_err(|_| format!("{uri}: {key} is not valid UTF-8"))?;
+        match key {
+            "size" => spec.size = Some(parse_size(&value).map_err(|e| format!("{uri}: {e}"))?),
+            "readonly" => {
+                spec.readonly = match value.to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => {
+                        return Err(format!(
+                            "{uri}: readonly={value} is not a yes/no value; use true or false"
+                        ))
+                    }
+                }
+            }
+            "description" => spec.description = Some(value),
+            _ => {
+                return Err(format!(
+                    "{uri}: unknown parameter {key:?}; valid parameters are {PARAMS}"
+                ))
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// The path part of a `file:` URI: `file:rel/path`, `file:/abs/path`,
+/// `file:///abs/path` or `file://localhost/abs/path`, percent-decoded.
+fn file_path(uri: &str, target: &str) -> Result<PathBuf, String> {
+    let target = match target.strip_prefix("//") {
+        None => target,
+        Some(rest) => {
+            let rest = rest.strip_prefix("localhost").unwrap_or(rest);
+            if !rest.starts_with('/') {
+                return Err(format!(
+                    "{uri}: only local files are supported; write file:///absolute/path or file:relative/path"
+                ));
+            }
+            rest
+        }
+    };
+    if target.is_empty() {
+        return Err(format!(
+            "{uri}: no file named; write file:PATH, e.g. file:disk.img?size=10G"
+        ));
+    }
+    // '+' is a literal plus in paths; only %XX is decoded.
+    let bytes = decode(target, false).map_err(|e| format!("{uri}: {e}"))?;
+    Ok(PathBuf::from(OsString::from_vec(bytes)))
+}
+
+/// Percent-decode `s` (`%20` → space; with `plus_is_space`, `+` → space too).
+/// Strict, so a stray `%` is reported rather than silently kept.
+fn decode(s: &str, plus_is_space: bool) -> Result<Vec<u8>, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(|| {
+                    format!("bad percent escape in {s:?}: % must be followed by two hex digits (write %25 for a literal %)")
+                })?;
+                out.push(byte);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use longwire_core::VolumeError;
+
+    const G: u64 = 1 << 30;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1048576));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("512b"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("3M"), Ok(3 << 20));
+        assert_eq!(parse_size("3m"), Ok(3 << 20));
+        assert_eq!(parse_size("3MiB"), Ok(3 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 * G));
+        assert_eq!(parse_size("10g"), Ok(10 * G));
+        assert_eq!(parse_size("10GiB"), Ok(10 * G));
+        assert_eq!(parse_size(" 10 G "), Ok(10 * G));
+        assert_eq!(parse_size("6T"), Ok(6 << 40));
+        assert_eq!(parse_size("6t"), Ok(6 << 40));
+        assert_eq!(parse_size("6TiB"), Ok(6 << 40));
+        assert_eq!(parse_size("2P"), Ok(2 << 50));
+        assert_eq!(parse_size("2PiB"), Ok(2 << 50));
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_size("16383P"), Ok(16383 << 50));
+
+        for bad in ["", "G", "-1", "10X", "10KB", "ten"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("K, M, G, T or P"), "{bad:?}: {e}");
+        }
+        assert!(parse_size("1.5G").unwrap_err().contains("whole numbers"));
+        assert!(parse_size("16384P").unwrap_err().contains("too large"));
+        assert!(parse_size("18446744073709551616")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn parses_file_forms() {
+        let p = |u: &str| match parse(u).unwrap().target {
+            Target::File(p) => p,
+            t => panic!("{t:?}"),
+        };
+        assert_eq!(p("file:images/a.img"), PathBuf::from("images/a.img"));
+        assert_eq!(p("file:/abs/a.img?size=1G"), PathBuf::from("/abs/a.img"));
+        assert_eq!(p("file:///abs/a.img"), PathBuf::from("/abs/a.img"));
+        assert_eq!(p("file://localhost/abs/a.img"), PathBuf::from("/abs/a.img"));
+        assert_eq!(
+            p("FILE:my%20disk%3F+1.img"),
+            PathBuf::from("my disk?+1.img")
+        );
+
+        let spec = parse("file:a.img?size=2G&readonly=yes&description=Build+cache%21").unwrap();
+        assert_eq!(spec.size, Some(2 * G));
+        assert!(spec.readonly);
+        assert_eq!(spec.description.as_deref(), Some("Build cache!"));
+        assert!(parse("file:a.img?readonly").unwrap().readonly);
+        assert!(!parse("file:a.img?readonly=0&").unwrap().readonly);
+    }
+
+    #[test]
+    fn parse_errors_say_what_to_do() {
+        let e = |u: &str| parse(u).unwrap_err();
+        let msg = e("disk.img");
+        assert!(
+            msg.contains("file:disk.img") && msg.contains("memory:"),
+            "{msg}"
+        );
+        let msg = e("nbd://host/x");
+        assert!(
+            msg.contains("unknown volume kind") && msg.contains("file:") && msg.contains("memory:"),
+            "{msg}"
+        );
+        let msg = e("file:a.img?sise=1G");
+        assert!(
+            msg.contains("\"sise\"") && msg.contains("size, readonly and description"),
+            "{msg}"
+        );
+        assert!(e("file:a.img?readonly=maybe").contains("true or false"));
+        assert!(e("file:a.img?size=1G&size=2G").contains("twice"));
+        assert!(e("file:a.img?size").contains("needs a value"));
+        assert!(e("file:a.img?size=big").contains("K, M, G, T or P"));
+        assert!(e("file:").contains("no file named"));
+        assert!(e("file://server/a.img").contains("only local files"));
+        assert!(e("file:100%.img").contains("%25"));
+        assert!(e("memory:foo?size=1G").contains("no path"));
+    }
+
+    #[tokio::test]
+    async fn opens_memory() {
+        let v = open_uri("memory:?size=1G&description=RAM+disk%20one").unwrap();
+        assert_eq!(v.volume.size(), G);
+        assert_eq!(v.description.as_deref(), Some("RAM disk one"));
+        assert!(!v.volume.capabilities().read_only);
+        v.volume
+            .write(5, Bytes::from_static(b"hi"), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            v.volume.read(5, 2).await.unwrap(),
+            Bytes::from_static(b"hi")
+        );
+
+        let ro = open_uri("memory:?size=1M&readonly=true").unwrap();
+        assert!(ro.volume.capabilities().read_only);
+        assert!(matches!(
+            ro.volume.write(0, Bytes::from_static(b"x"), false).await,
+            Err(VolumeError::ReadOnly)
+        ));
+
+        let msg = open_uri("memory:").unwrap_err();
+        assert!(
+            msg.contains("needs a size") && msg.contains("memory:?size=1G"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn opens_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new dir/disk.img");
+        let encoded = path.to_str().unwrap().replace(' ', "%20");
+
+        // Missing without size: say how to create it.
+        let uri = format!("file:{encoded}");
+        let msg = open_uri(&uri).unwrap_err();
+        assert_eq!(
+            msg,
+            format!("{uri} does not exist; add ?size=10G (any size) to create it")
+        );
+        let msg = open_uri(&format!("{uri}?readonly=false")).unwrap_err();
+        assert!(msg.contains("&size=10G"), "{msg}");
+
+        // Created with size, via the file:/// form.
+        let v = open_uri(&format!("file://{encoded}?size=4M")).unwrap();
+        assert_eq!(v.volume.size(), 4 << 20);
+        assert!(v.description.is_none());
+        v.volume
+            .write(100, Bytes::from_static(b"data"), true)
+            .await
+            .unwrap();
+        drop(v);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+
+        // Shrinking is refused, with the reason.
+        let msg = open_uri(&format!("{uri}?size=1M")).unwrap_err();
+        assert!(msg.contains("shrink") && msg.starts_with(&uri), "{msg}");
+
+        // Read-only: wrapped, writes refused, data visible.
+        let ro = open_uri(&format!("{uri}?readonly=1")).unwrap();
+        assert!(ro.volume.capabilities().read_only);
+        assert!(!ro.volume.capabilities().can_trim);
+        assert!(matches!(
+            ro.volume.write(0, Bytes::from_static(b"x"), false).await,
+            Err(VolumeError::ReadOnly)
+        ));
+        assert_eq!(
+            ro.volume.read(100, 4).await.unwrap(),
+            Bytes::from_static(b"data")
+        );
+    }
+}
