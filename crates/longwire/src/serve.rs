@@ -14,7 +14,7 @@ use anyhow::{anyhow, Context};
 use longwire_core::{layers::ReadOnly, Export, ExportRegistry, Volume};
 use longwire_nbd::{NbdServer, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -27,6 +27,11 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = Config::from_args(&args)?;
+    // Signal handlers first: once we say "listening", a supervisor may stop
+    // us at any moment and must get a graceful shutdown, not a kill.
+    let signals = Signals::install()?;
+    // Check addresses before opening stores, so a typo does not create images.
+    let addrs = cfg.listen.iter().map(|a| parse_addr(a)).collect::<anyhow::Result<Vec<_>>>()?;
     let registry = Arc::new(build_registry(&cfg.exports)?);
 
     let mut server_cfg = ServerConfig::default();
@@ -41,8 +46,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let nbd = NbdServer::new(registry.clone(), server_cfg, shutdown.clone());
 
     let first = registry.iter().next().map(|e| e.name.clone()).unwrap_or_default();
-    for addr in &cfg.listen {
-        let listener = bind_tcp(addr).await?;
+    for addr in addrs {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
         info!("NBD listening on {local} (try: nbdinfo nbd://{local}/{first})");
         tokio::spawn(accept_tcp(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
@@ -54,7 +59,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(accept_unix(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
     }
 
-    wait_for_signal().await?;
+    signals.wait().await;
     info!("shutting down: finishing in-flight requests");
     shutdown.cancel();
     sessions.close();
@@ -95,11 +100,9 @@ fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
     Ok(registry)
 }
 
-async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
-    let sock: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("--listen {addr:?} is not an address like 127.0.0.1:10809 or [::1]:10809"))?;
-    TcpListener::bind(sock).await.with_context(|| format!("cannot listen on {sock}"))
+fn parse_addr(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.parse()
+        .with_context(|| format!("--listen {addr:?} is not an address like 127.0.0.1:10809 or [::1]:10809"))
 }
 
 fn bind_unix(path: &PathBuf) -> anyhow::Result<UnixListener> {
@@ -155,14 +158,23 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("received SIGTERM"),
-        _ = int.recv() => info!("received SIGINT"),
+/// SIGTERM and SIGINT, caught from startup on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("received SIGTERM"),
+            _ = self.int.recv() => info!("received SIGINT"),
+        }
+    }
 }
 
 /// Make every acknowledged write durable before exiting.
