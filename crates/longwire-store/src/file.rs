@@ -1,6 +1,6 @@
 //! A volume backed by a raw image file (or a block device) on Linux.
 //!
-//! All blocking system calls run on tokio's blocking pool (`spawn_blocking`)
+//! All blocking system calls run on a small dedicated I/O pool (`io_pool`)
 //! so a slow disk never stalls the reactor threads that drive every
 //! connection. Positional I/O (`pread`/`pwrite`) means one shared descriptor
 //! serves any number of concurrent requests without a lock.
@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use longwire_core::{
     Capabilities, Extent, ExtentKind, ReadSegment, Volume, VolumeError, VolumeResult, ZeroFlags,
 };
 
-use crate::sparse::{check_in_range, check_read, check_write, SegmentBuilder, MAX_PAYLOAD};
+use crate::sparse::{check_in_range, check_read, check_write, split_zero_runs, SegmentBuilder, MAX_PAYLOAD};
 
 /// Holes smaller than this are read as data by `read_sparse`: splitting a
 /// reply for a few bytes costs more than sending them.
@@ -209,21 +209,32 @@ impl FileVolume {
         &self.path
     }
 
-    /// Run `f` on the blocking pool with the shared file.
+    /// Run `f` on the I/O pool with the shared file.
     async fn blocking<T, F>(&self, f: F) -> VolumeResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Inner) -> VolumeResult<T> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        match tokio::task::spawn_blocking(move || f(&inner)).await {
-            Ok(result) => result,
-            // The runtime is shutting down and dropped the task.
-            Err(e) if e.is_cancelled() => Err(VolumeError::Shutdown),
-            Err(e) => Err(VolumeError::Io(io::Error::other(format!(
-                "file I/O task failed: {e}"
-            )))),
+        match crate::io_pool::shared().run(move || f(&inner)).await {
+            Some(result) => result,
+            None => Err(VolumeError::Io(io::Error::other("file I/O task failed"))),
         }
+    }
+
+    /// Read `len` bytes: straight from the page cache when it has them all
+    /// (no thread hand-off), else the rest on the blocking pool.
+    async fn read_cached_or_blocking(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {
+        let mut buf = BytesMut::zeroed(len);
+        let done = pread_nowait(&self.inner.file, &mut buf, offset);
+        if done == len {
+            return Ok(buf.freeze());
+        }
+        self.blocking(move |inner| {
+            inner.file.read_exact_at(&mut buf[done..], offset + done as u64)?;
+            Ok(buf.freeze())
+        })
+        .await
     }
 
     fn writable(&self) -> VolumeResult<()> {
@@ -236,6 +247,28 @@ impl FileVolume {
 }
 
 // ---- small wrappers around the raw system calls -------------------------
+
+/// Read what the page cache already holds without ever blocking:
+/// `preadv2(RWF_NOWAIT)` returns EAGAIN instead of waiting for the disk, so
+/// this is safe on a reactor thread. Returns the bytes read (0 when nothing
+/// could be read without blocking, or on any error: the caller then falls
+/// back to a blocking read, which reports real errors).
+fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+        let Ok(pos) = off(offset + done as u64) else { return done };
+        // SAFETY: `iov` points into `buf`, which outlives the call; the fd is
+        // owned by `file`.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, pos, libc::RWF_NOWAIT) };
+        if n <= 0 {
+            return done;
+        }
+        done += n as usize;
+    }
+    done
+}
 
 fn off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
@@ -489,18 +522,19 @@ impl Volume for FileVolume {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        self.blocking(move |inner| {
-            let mut buf = vec![0u8; len];
-            inner.file.read_exact_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
-        })
-        .await
+        self.read_cached_or_blocking(offset, len).await
     }
 
     async fn read_sparse(&self, offset: u64, len: usize) -> VolumeResult<Vec<ReadSegment>> {
         check_read(self.size, offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
+        }
+        // Fast path: everything is in the page cache. Zero blocks in what we
+        // read still become holes on the wire.
+        let mut buf = BytesMut::zeroed(len);
+        if pread_nowait(&self.inner.file, &mut buf, offset) == len {
+            return Ok(split_zero_runs(offset, buf.freeze()));
         }
         self.blocking(move |inner| {
             let file = &inner.file;

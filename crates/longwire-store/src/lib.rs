@@ -15,10 +15,12 @@
 //! (they end up as errno values on the wire).
 
 pub mod file;
+mod io_pool;
 pub mod memory;
 mod sparse;
 mod uri;
 
 pub use file::FileVolume;
+pub use io_pool::{set_io_threads, DEFAULT_IO_THREADS};
 pub use memory::MemoryVolume;
 pub use uri::{open_uri, parse_size, OpenedVolume};

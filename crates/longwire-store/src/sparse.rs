@@ -1,6 +1,6 @@
 //! Helpers shared by the stores: request validation and building sparse reads.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use longwire_core::{check_range, ReadSegment, VolumeError, VolumeResult};
 
 /// Largest read either store will allocate a buffer for. Reads allocate
@@ -86,8 +86,71 @@ impl SegmentBuilder {
     }
 }
 
+/// Split data read at `offset` into segments, turning every all-zero block
+/// aligned to `MIN_ZERO_RUN` into a `Zero` run: it reads as zeros, so the
+/// front-end need not send it. Scanning stops at the first non-zero byte of
+/// each block, so real data costs almost nothing to check.
+pub(crate) fn split_zero_runs(offset: u64, data: Bytes) -> Vec<ReadSegment> {
+    const BLOCK: u64 = MIN_ZERO_RUN;
+    let len = data.len() as u64;
+    let mut segments = Vec::new();
+    let mut data_start = 0u64; // start of the pending data run, relative
+    let mut pos = 0u64;
+    while pos < len {
+        // Block boundaries are aligned to absolute offsets.
+        let next = (((offset + pos) / BLOCK + 1) * BLOCK - offset).min(len);
+        let whole_block = next - pos == BLOCK;
+        if whole_block && is_zero(&data[pos as usize..next as usize]) {
+            if data_start < pos {
+                segments.push(ReadSegment::Data(data.slice(data_start as usize..pos as usize)));
+            }
+            match segments.last_mut() {
+                Some(ReadSegment::Zero(z)) => *z += BLOCK,
+                _ => segments.push(ReadSegment::Zero(BLOCK)),
+            }
+            data_start = next;
+        }
+        pos = next;
+    }
+    if data_start < len {
+        segments.push(ReadSegment::Data(data.slice(data_start as usize..)));
+    }
+    segments
+}
+
+/// Smallest zero run worth reporting as a hole.
+pub(crate) const MIN_ZERO_RUN: u64 = 4096;
+
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap()) == 0) && words.remainder().iter().all(|&x| x == 0)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn zero_runs_become_holes_on_absolute_block_boundaries() {
+        use bytes::Bytes;
+        // 1 KiB of data, then two zero blocks, then data, read at offset 3 KiB
+        // so the first block boundary is 1 KiB in.
+        let mut v = vec![0u8; 1024 + 8192 + 4096 + 100];
+        v[..1024].fill(7);
+        v[1024 + 8192..].fill(9);
+        v[1024 + 8192 + 10] = 0;
+        let segs = super::split_zero_runs(3072, Bytes::from(v.clone()));
+        assert_eq!(segs.len(), 3, "{segs:?}");
+        assert_eq!(segs[0], ReadSegment::Data(Bytes::from(v[..1024].to_vec())));
+        assert_eq!(segs[1], ReadSegment::Zero(8192));
+        assert_eq!(segs[2], ReadSegment::Data(Bytes::from(v[1024 + 8192..].to_vec())));
+        // An unaligned all-zero tail shorter than a block stays data.
+        let segs = super::split_zero_runs(0, Bytes::from(vec![0u8; 4096 + 10]));
+        assert_eq!(segs, vec![ReadSegment::Zero(4096), ReadSegment::Data(Bytes::from(vec![0u8; 10]))]);
+        // One non-zero byte anywhere keeps a block as data.
+        let mut w = vec![0u8; 4096];
+        w[4095] = 1;
+        assert!(matches!(super::split_zero_runs(0, Bytes::from(w))[..], [ReadSegment::Data(_)]));
+    }
+
     use super::*;
 
     #[test]

@@ -18,6 +18,7 @@
 #![allow(dead_code)]
 
 pub mod json;
+pub mod raw;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
