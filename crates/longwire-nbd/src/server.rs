@@ -2,21 +2,29 @@
 //! handshake through the sans-IO [`Handshake`], then pipelines requests
 //! against the export's volume and sends replies as they complete.
 //!
-//! Shape of a session in transmission:
-//! - this task reads requests, validates them, reads payloads, and spawns
-//!   one task per request (bounded by a semaphore: backpressure);
-//! - request tasks encode their reply and hand it to a writer task over a
-//!   channel, so replies go out in completion order;
-//! - the writer batches whatever replies are ready into one flush.
+//! Shape of a session in transmission: one task per connection, so a
+//! request served from memory or the page cache never wakes another thread.
+//! - Socket bytes accumulate in a buffer; the sans-IO [`RequestDecoder`]
+//!   turns them into commands (write payloads split off without copying).
+//! - Each command becomes a future in a `FuturesUnordered`; they run
+//!   concurrently and reply in completion order. Blocking store work runs
+//!   on the store's own threads and wakes us when done.
+//! - Replies queue up and go out with vectored writes, many per syscall.
+//! - Backpressure: no new requests are decoded while `max_in_flight`
+//!   requests (or 64 MiB of their data, or 64 MiB of unsent replies) are
+//!   pending, so a client that stops reading stops being read from.
 
-use std::io;
-use std::sync::Arc;
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::Either;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use longwire_core::{ExportRegistry, ExtentKind, ReadSegment, Volume, VolumeError};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, OwnedRwLockReadGuard, OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -50,18 +58,6 @@ pub struct NbdServer {
     registry: Arc<ExportRegistry>,
     config: ServerConfig,
     shutdown: CancellationToken,
-}
-
-/// Largest payload we will read and throw away to keep framing after
-/// refusing a request; anything larger ends the session.
-const MAX_DISCARD: u64 = 1 << 32;
-
-/// One encoded reply: header and data pieces, written in order, plus the
-/// in-flight permit it releases once written (so a client that stops
-/// reading replies stops being read from).
-struct Reply {
-    pieces: Vec<Bytes>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl NbdServer {
@@ -131,7 +127,7 @@ impl NbdServer {
         }
     }
 
-    async fn transmission<R, W>(&self, mut rd: BufReader<R>, wr: W, n: Negotiated, peer: &str) -> io::Result<()>
+    async fn transmission<R, W>(&self, rd: BufReader<R>, mut wr: W, n: Negotiated, peer: &str) -> io::Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -147,98 +143,233 @@ impl NbdServer {
             max_payload: caps.max_payload,
         };
         let ctx = Arc::new(RequestContext { volume, style: ReplyStyle::new(n.structured, n.extended) });
-        let header_len = if n.extended { EXTENDED_HEADER_LEN } else { COMPACT_HEADER_LEN };
+        let barrier = Arc::new(WriteBarrier::default());
+        let max_in_flight = self.config.max_in_flight.max(1);
+        let shutdown_refusal = Rejection { errno: ESHUTDOWN, message: "server is shutting down".into() };
 
-        let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-        let writer = tokio::spawn(write_replies(wr, rx));
-        let permits = Arc::new(Semaphore::new(self.config.max_in_flight));
-        // Writes hold a read guard while in flight; FLUSH takes the write
-        // guard, so it waits for every write received before it.
-        let write_order = Arc::new(RwLock::new(()));
+        // Bytes the handshake reader already pulled in belong to the requests.
+        let mut rbuf = BytesMut::with_capacity(READ_BUF);
+        rbuf.extend_from_slice(rd.buffer());
+        let mut rd = rd.into_inner();
+        let mut decoder = RequestDecoder::new(n.extended);
+        let mut inflight = FuturesUnordered::new();
+        let mut inflight_bytes = 0u64;
+        let mut out = ReplyQueue::default();
+        let mut reading = true;
         let mut shutting_down = false;
-        let mut header = [0u8; EXTENDED_HEADER_LEN];
 
-        let result: io::Result<()> = async {
-            loop {
-                let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
-                // Wait for the next request without consuming it, so shutdown
-                // can interrupt an idle connection without losing bytes.
-                let more = if shutting_down {
-                    tokio::select! {
-                        r = rd.fill_buf() => !r?.is_empty(),
-                        _ = tokio::time::sleep(self.config.shutdown_grace) => {
-                            debug!(%peer, "closing idle connection for shutdown");
-                            false
+        loop {
+            // Start every request already buffered, within the bounds.
+            let has_room = |inflight: usize, bytes: u64, out: &ReplyQueue| {
+                inflight < max_in_flight && bytes < MAX_INFLIGHT_BYTES && out.bytes < MAX_QUEUED_BYTES
+            };
+            while reading && has_room(inflight.len(), inflight_bytes, &out) {
+                let refuse = shutting_down.then_some(&shutdown_refusal);
+                match decoder.decode(&mut rbuf, &limits, refuse).map_err(invalid)? {
+                    None => break,
+                    Some(Decoded::Refused { header, rejection }) => {
+                        debug!(%peer, "refused {}: {}", command_name(header.typ), rejection.message);
+                        let mut b = BytesMut::with_capacity(64);
+                        ctx.style.error(&mut b, header.cookie, header.offset, rejection.errno, &rejection.message);
+                        out.push(b.freeze());
+                    }
+                    Some(Decoded::Command { command: Command::Disconnect, .. }) => {
+                        // Answer what is in flight, then close; ignore anything after DISC.
+                        reading = false;
+                        rbuf.clear();
+                    }
+                    Some(Decoded::Command { header, command, payload }) => {
+                        let order = match command {
+                            Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. } => {
+                                Some(Order::Write(barrier.begin_write()))
+                            }
+                            Command::Flush => Some(Order::Flush(barrier.clone(), barrier.mark())),
+                            _ => None,
+                        };
+                        let cost = command_cost(&command);
+                        inflight_bytes += cost;
+                        let reply = ctx.clone().execute(command, header.cookie, header.offset, payload, order);
+                        inflight.push(if cost >= SPAWN_THRESHOLD {
+                            // Big copies run on another worker, in parallel
+                            // with this connection's socket work.
+                            let task = tokio::spawn(reply);
+                            let style = ctx.style;
+                            Either::Left(async move {
+                                let reply = task.await.unwrap_or_else(|e| {
+                                    let mut b = BytesMut::new();
+                                    style.error(&mut b, header.cookie, header.offset, EIO, &format!("request failed: {e}"));
+                                    vec![b.freeze()]
+                                });
+                                (reply, cost)
+                            })
+                        } else {
+                            Either::Right(async move { (reply.await, cost) })
+                        });
+                    }
+                }
+            }
+            if !reading && inflight.is_empty() && out.is_empty() {
+                break;
+            }
+            let can_read = reading && has_room(inflight.len(), inflight_bytes, &out);
+            let idle = inflight.is_empty() && out.is_empty() && decoder.is_idle(rbuf.len());
+            if can_read {
+                rbuf.reserve(decoder.wanted(rbuf.len()).clamp(READ_BUF / 4, READ_BUF));
+            }
+            tokio::select! {
+                Some((reply, cost)) = inflight.next(), if !inflight.is_empty() => {
+                    inflight_bytes -= cost;
+                    out.extend(reply);
+                }
+                r = write_some(&mut wr, &out), if !out.is_empty() => out.advance(r?),
+                r = rd.read_buf(&mut rbuf), if can_read => {
+                    if r? == 0 {
+                        reading = false;
+                        if !decoder.is_idle(rbuf.len()) {
+                            debug!(%peer, "client closed the connection in the middle of a request");
                         }
                     }
-                } else {
-                    tokio::select! {
-                        r = rd.fill_buf() => !r?.is_empty(),
-                        _ = self.shutdown.cancelled() => { shutting_down = true; continue; }
-                    }
-                };
-                if !more {
-                    return Ok(());
                 }
-                rd.read_exact(&mut header[..header_len]).await?;
-                let h = parse_request_header(&header[..header_len], n.extended).map_err(invalid)?;
-                let payload_len = h.payload_len(n.extended);
-                let decoded = if shutting_down {
-                    Err(Rejection { errno: ESHUTDOWN, message: "server is shutting down".into() })
-                } else {
-                    decode_command(&h, &limits)
-                };
-                let payload = match &decoded {
-                    Ok(Command::Write { len, .. }) if *len == payload_len => {
-                        let mut buf = BytesMut::zeroed(payload_len as usize);
-                        rd.read_exact(&mut buf).await?;
-                        buf.freeze()
-                    }
-                    _ => {
-                        discard(&mut rd, payload_len).await?;
-                        Bytes::new()
-                    }
-                };
-                let cmd = match decoded {
-                    Ok(Command::Disconnect) => return Ok(()),
-                    Ok(cmd) => cmd,
-                    Err(rej) => {
-                        debug!(%peer, "refused {}: {}", command_name(h.typ), rej.message);
-                        let mut out = BytesMut::with_capacity(64);
-                        ctx.style.error(&mut out, h.cookie, h.offset, rej.errno, &rej.message);
-                        let _ = tx.send(Reply { pieces: vec![out.freeze()], _permit: permit });
-                        continue;
-                    }
-                };
-                let guard = match cmd {
-                    Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. } => {
-                        Some(Order::Write(write_order.clone().read_owned().await))
-                    }
-                    Command::Flush => Some(Order::Flush(write_order.clone())),
-                    _ => None,
-                };
-                let ctx = ctx.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let pieces = ctx.execute(cmd, h.cookie, h.offset, payload, guard).await;
-                    let _ = tx.send(Reply { pieces, _permit: permit });
-                });
+                _ = self.shutdown.cancelled(), if !shutting_down => shutting_down = true,
+                _ = tokio::time::sleep(self.config.shutdown_grace), if shutting_down && idle => {
+                    debug!(%peer, "closing idle connection for shutdown");
+                    break;
+                }
             }
         }
-        .await;
-        // Dropping our sender lets the writer finish once every in-flight
-        // request has replied.
-        drop(tx);
-        let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-        result.and(written)
+        let _ = wr.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Requests moving at least this much data run as their own task.
+const SPAWN_THRESHOLD: u64 = 128 * 1024;
+/// Bytes of socket data read at a time.
+const READ_BUF: usize = 256 * 1024;
+/// Data of in-flight reads and writes one connection may hold in memory
+/// before the server stops reading more requests from it.
+const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+/// Encoded replies waiting for a slow client before we stop reading.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// Memory a request pins while in flight (its payload or its read buffer).
+fn command_cost(c: &Command) -> u64 {
+    match c {
+        Command::Read { len, .. } | Command::Write { len, .. } => *len,
+        _ => 0,
+    }
+}
+
+/// Replies encoded and waiting to be written, in order.
+#[derive(Default)]
+struct ReplyQueue {
+    pieces: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl ReplyQueue {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.bytes += b.len();
+            self.pieces.push_back(b);
+        }
+    }
+
+    fn extend(&mut self, reply: Vec<Bytes>) {
+        for b in reply {
+            self.push(b);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Drop `n` written bytes from the front.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.pieces.front_mut() else { return };
+            if n >= front.len() {
+                n -= front.len();
+                self.pieces.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+/// One vectored write of as much of the queue as the socket takes.
+async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &ReplyQueue) -> io::Result<usize> {
+    let slices: Vec<IoSlice<'_>> = out.pieces.iter().take(64).map(|b| IoSlice::new(b)).collect();
+    let n = wr.write_vectored(&slices).await?;
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    Ok(n)
+}
+
+/// Orders each FLUSH after every write received before it on the same
+/// connection (the spec only requires writes already replied to; covering
+/// the in-flight ones too is stricter and cheap).
+#[derive(Default)]
+struct WriteBarrier {
+    /// Next write number, and the numbers of writes still in flight.
+    state: Mutex<(u64, BTreeSet<u64>)>,
+    done: Notify,
+}
+
+impl WriteBarrier {
+    fn begin_write(self: &Arc<Self>) -> WriteTicket {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let id = st.0;
+        st.0 += 1;
+        st.1.insert(id);
+        WriteTicket { barrier: self.clone(), id }
+    }
+
+    /// A point in the write sequence: the writes numbered below it.
+    fn mark(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Wait until every write numbered below `mark` has completed.
+    async fn wait_before(&self, mark: u64) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let oldest = self.state.lock().unwrap_or_else(|e| e.into_inner()).1.first().copied();
+            if oldest.is_none_or(|id| id >= mark) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by a write while it is in flight; completing (or dropping) it lets
+/// waiting flushes proceed.
+struct WriteTicket {
+    barrier: Arc<WriteBarrier>,
+    id: u64,
+}
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        self.barrier.state.lock().unwrap_or_else(|e| e.into_inner()).1.remove(&self.id);
+        self.barrier.done.notify_waiters();
     }
 }
 
 /// How a request is ordered against others on its connection.
 enum Order {
     /// Held (never read) until the write completes.
-    Write(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
-    Flush(Arc<RwLock<()>>),
+    Write(#[allow(dead_code)] WriteTicket),
+    /// The barrier and the mark this flush must wait for.
+    Flush(Arc<WriteBarrier>, u64),
 }
 
 /// What request tasks share: the volume and how to encode replies.
@@ -248,14 +379,14 @@ struct RequestContext {
 }
 
 impl RequestContext {
-    async fn execute(&self, cmd: Command, cookie: u64, req_offset: u64, payload: Bytes, order: Option<Order>) -> Vec<Bytes> {
+    async fn execute(self: Arc<Self>, cmd: Command, cookie: u64, req_offset: u64, payload: Bytes, order: Option<Order>) -> Vec<Bytes> {
         let result = match cmd {
             Command::Read { offset, len, df } => return self.read(cookie, offset, len as usize, df).await,
             Command::BlockStatus { offset, len, req_one } => return self.block_status(cookie, offset, len, req_one).await,
             Command::Write { offset, fua, .. } => self.volume.write(offset, payload, fua).await,
             Command::Flush => {
-                if let Some(Order::Flush(lock)) = order {
-                    drop(lock.write_owned().await);
+                if let Some(Order::Flush(barrier, mark)) = order {
+                    barrier.wait_before(mark).await;
                 }
                 self.volume.flush().await
             }
@@ -382,38 +513,6 @@ impl RequestContext {
         self.style.block_status(&mut out, cookie, offset, BASE_ALLOCATION_ID, &list);
         vec![out.freeze()]
     }
-}
-
-/// Write replies as they arrive, batching whatever is ready into one flush.
-async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 * 1024, wr);
-    while let Some(reply) = rx.recv().await {
-        for piece in &reply.pieces {
-            w.write_all(piece).await?;
-        }
-        while let Ok(reply) = rx.try_recv() {
-            for piece in &reply.pieces {
-                w.write_all(piece).await?;
-            }
-        }
-        w.flush().await?;
-    }
-    w.shutdown().await.or(Ok(()))
-}
-
-/// Read and drop `n` bytes of a refused request's payload.
-async fn discard<R: AsyncRead + Unpin>(rd: &mut R, n: u64) -> io::Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    if n > MAX_DISCARD {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("payload of {n} bytes is too large")));
-    }
-    let copied = tokio::io::copy(&mut rd.take(n), &mut tokio::io::sink()).await?;
-    if copied < n {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
 
 fn invalid<E: std::fmt::Display>(e: E) -> io::Error {

@@ -306,3 +306,142 @@ impl ReplyStyle {
         }
     }
 }
+
+/// What the request decoder produced from the buffered bytes.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A valid command, with its payload for writes.
+    Command { header: RequestHeader, command: Command, payload: bytes::Bytes },
+    /// A well-framed request that must be answered with an error; any
+    /// payload it carried has been consumed.
+    Refused { header: RequestHeader, rejection: Rejection },
+}
+
+/// Largest refused payload we read and throw away to keep framing;
+/// anything larger ends the session.
+pub const MAX_DISCARD: u64 = 1 << 32;
+
+/// A framing error: the only answer is to disconnect.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FramingError {
+    #[error(transparent)]
+    BadMagic(#[from] BadMagic),
+    #[error("payload of {0} bytes is too large to skip")]
+    PayloadTooLarge(u64),
+}
+
+/// Sans-IO request stream decoder: the driver appends bytes from the socket
+/// to a buffer and calls [`RequestDecoder::decode`] until it returns `None`.
+/// Write payloads are split off the buffer without copying; refused
+/// payloads are skipped as they arrive, however large, without buffering.
+#[derive(Debug)]
+pub struct RequestDecoder {
+    extended: bool,
+    state: DecodeState,
+}
+
+#[derive(Debug)]
+enum DecodeState {
+    Header,
+    Payload { header: RequestHeader, command: Command, len: usize },
+    Discard { header: RequestHeader, rejection: Rejection, left: u64 },
+}
+
+impl RequestDecoder {
+    pub fn new(extended: bool) -> Self {
+        RequestDecoder { extended, state: DecodeState::Header }
+    }
+
+    /// Bytes a complete request header occupies.
+    fn header_len(&self) -> usize {
+        if self.extended {
+            EXTENDED_HEADER_LEN
+        } else {
+            COMPACT_HEADER_LEN
+        }
+    }
+
+    /// How many more bytes the decoder wants before it can make progress
+    /// (a hint for sizing reads).
+    pub fn wanted(&self, buffered: usize) -> usize {
+        match &self.state {
+            DecodeState::Header => self.header_len().saturating_sub(buffered),
+            DecodeState::Payload { len, .. } => len.saturating_sub(buffered),
+            DecodeState::Discard { left, .. } => (*left).min(1 << 20) as usize,
+        }
+    }
+
+    /// True when no request is partially decoded.
+    pub fn is_idle(&self, buffered: usize) -> bool {
+        matches!(self.state, DecodeState::Header) && buffered == 0
+    }
+
+    /// Decode the next request from `buf`, consuming its bytes. `refuse`
+    /// turns every new request into that rejection (used at shutdown).
+    pub fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        limits: &Limits,
+        refuse: Option<&Rejection>,
+    ) -> Result<Option<Decoded>, FramingError> {
+        loop {
+            match &mut self.state {
+                DecodeState::Header => {
+                    let n = self.header_len();
+                    if buf.len() < n {
+                        return Ok(None);
+                    }
+                    let header = parse_request_header(&buf[..n], self.extended)?;
+                    let _ = buf.split_to(n);
+                    let payload_len = header.payload_len(self.extended);
+                    let decoded = match refuse {
+                        Some(r) => Err(r.clone()),
+                        None => decode_command(&header, limits),
+                    };
+                    self.state = match decoded {
+                        Ok(command @ Command::Write { len, .. }) if len == payload_len => {
+                            DecodeState::Payload { header, command, len: len as usize }
+                        }
+                        Ok(command) if payload_len == 0 => {
+                            return Ok(Some(Decoded::Command { header, command, payload: bytes::Bytes::new() }));
+                        }
+                        // decode_command refuses payloads on every other
+                        // command; stay safe if that ever changes.
+                        Ok(_) => DecodeState::Discard {
+                            header,
+                            rejection: Rejection::new(EINVAL, "unexpected payload"),
+                            left: payload_len,
+                        },
+                        Err(rejection) => DecodeState::Discard { header, rejection, left: payload_len },
+                    };
+                    if let DecodeState::Discard { left, .. } = self.state {
+                        if left > MAX_DISCARD {
+                            return Err(FramingError::PayloadTooLarge(left));
+                        }
+                    }
+                }
+                DecodeState::Payload { header, command, len } => {
+                    if buf.len() < *len {
+                        buf.reserve(*len - buf.len());
+                        return Ok(None);
+                    }
+                    let payload = buf.split_to(*len).freeze();
+                    let (header, command) = (*header, *command);
+                    self.state = DecodeState::Header;
+                    return Ok(Some(Decoded::Command { header, command, payload }));
+                }
+                DecodeState::Discard { header, rejection, left } => {
+                    let n = (*left).min(buf.len() as u64);
+                    let _ = buf.split_to(n as usize);
+                    *left -= n;
+                    if *left > 0 {
+                        return Ok(None);
+                    }
+                    let (header, rejection) = (*header, rejection.clone());
+                    self.state = DecodeState::Header;
+                    return Ok(Some(Decoded::Refused { header, rejection }));
+                }
+            }
+        }
+    }
+}

@@ -338,3 +338,65 @@ fn reply_encodings_have_the_right_shapes() {
     assert_eq!(u32::from_be_bytes(out[36..40].try_into().unwrap()), 2);
     assert_eq!(u64::from_be_bytes(out[40..48].try_into().unwrap()), 1 << 33);
 }
+
+#[test]
+fn decoder_waits_for_whole_requests_and_splits_payloads() {
+    let lim = limits(RW);
+    let mut d = RequestDecoder::new(false);
+    let mut wire = header(false, 0, CMD_WRITE, 4096, 8);
+    wire.extend_from_slice(b"abcdefgh");
+    wire.extend_from_slice(&header(false, 0, CMD_FLUSH, 0, 0));
+    let mut buf = BytesMut::new();
+    // Fed one byte at a time, nothing comes out early.
+    let mut got = Vec::new();
+    for b in wire {
+        buf.put_u8(b);
+        while let Some(x) = d.decode(&mut buf, &lim, None).unwrap() {
+            got.push(x);
+        }
+    }
+    assert_eq!(got.len(), 2);
+    match &got[0] {
+        Decoded::Command { command: Command::Write { offset: 4096, len: 8, .. }, payload, .. } => assert_eq!(&payload[..], b"abcdefgh"),
+        x => panic!("{x:?}"),
+    }
+    assert!(matches!(got[1], Decoded::Command { command: Command::Flush, .. }));
+    assert!(d.is_idle(buf.len()));
+}
+
+#[test]
+fn decoder_skips_refused_payloads_and_keeps_framing() {
+    let lim = limits(RW);
+    let mut d = RequestDecoder::new(false);
+    // A write past the end with a 1 MiB payload, then a read.
+    let mut wire = header(false, 0, CMD_WRITE, lim.size, 1 << 20);
+    wire.extend(std::iter::repeat_n(0x25u8, 1 << 20));
+    wire.extend_from_slice(&header(false, 0, CMD_READ, 0, 512));
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    for chunk in wire.chunks(7000) {
+        buf.extend_from_slice(chunk);
+        while let Some(x) = d.decode(&mut buf, &lim, None).unwrap() {
+            got.push(x);
+        }
+        // Refused payload bytes are dropped as they arrive, never buffered.
+        assert!(buf.len() < 7000 + 32);
+    }
+    assert!(matches!(&got[0], Decoded::Refused { rejection, .. } if rejection.errno == ENOSPC));
+    assert!(matches!(got[1], Decoded::Command { command: Command::Read { offset: 0, len: 512, .. }, .. }));
+}
+
+#[test]
+fn decoder_refuses_everything_at_shutdown_and_rejects_bad_framing() {
+    let lim = limits(RW);
+    let mut d = RequestDecoder::new(true);
+    let refusal = Rejection { errno: ESHUTDOWN, message: "bye".into() };
+    let mut buf = BytesMut::from(&header(true, 0, CMD_READ, 0, 512)[..]);
+    assert!(matches!(d.decode(&mut buf, &lim, Some(&refusal)).unwrap(), Some(Decoded::Refused { rejection, .. }) if rejection.errno == ESHUTDOWN));
+    // An extended non-write claiming a 5 GiB payload cannot be skipped.
+    let mut buf = BytesMut::from(&header(true, CMD_FLAG_PAYLOAD_LEN, CMD_FLUSH, 0, 5 << 30)[..]);
+    assert_eq!(d.decode(&mut buf, &lim, None).unwrap_err(), FramingError::PayloadTooLarge(5 << 30));
+    let mut d = RequestDecoder::new(false);
+    let mut buf = BytesMut::from(&header(true, 0, CMD_READ, 0, 512)[..]);
+    assert!(matches!(d.decode(&mut buf, &lim, None), Err(FramingError::BadMagic(_))));
+}
