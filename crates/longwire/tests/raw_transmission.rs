@@ -984,3 +984,30 @@ fn garbage_from_20_clients_does_not_affect_a_well_behaved_client() {
     let (mut fresh, _) = Conn::open(&server, "good", Style::Simple, false);
     assert_eq!(fresh.read(1, 8192, 4096), &shadow[8192..12288]);
 }
+
+// ===========================================================================
+// Shutdown
+// ===========================================================================
+
+/// Spec: on shutdown, in-flight requests finish and later requests get
+/// NBD_ESHUTDOWN; then the server disconnects and exits 0.
+#[test]
+fn requests_after_sigterm_get_eshutdown_then_the_server_closes() {
+    let mut server = memory_server();
+    let (mut c, _) = Conn::open(&server, "a", Style::Structured, false);
+    let d = data(3, 4096);
+    c.send(&c.write_bytes(1, 0, &d));
+    assert_eq!(c.chunks(1).len(), 1, "write before shutdown succeeds");
+
+    server.signal(libc::SIGTERM);
+    // Give the server a moment to see the signal, but less than its grace period.
+    thread::sleep(Duration::from_millis(150));
+    c.request(0, CMD_READ, 2, 0, 4096);
+    let chunks = c.chunks(2);
+    let last = chunks.last().expect("a reply to the late request");
+    assert!(last.done());
+    assert_eq!(last.error().0, 108, "late request must get NBD_ESHUTDOWN");
+    c.expect_closed_within(Duration::from_secs(5), "server closes after shutdown");
+    let status = server.wait_timeout(Duration::from_secs(5)).expect("server exits after SIGTERM");
+    assert!(status.success(), "server exit status {status:?}");
+}
