@@ -381,6 +381,11 @@ def machine():
     return f"{os.cpu_count()} cores ({model}), {mem:.0f} GiB RAM, Linux {platform.release()}"
 
 
+# Everything from this line on in docs/BENCHMARKS.md is written by hand and
+# survives regeneration.
+LOG_MARKER = "## Optimisation log"
+
+
 def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
@@ -475,6 +480,14 @@ def main():
                           f"{r['mbps']:8,.1f} MB/s  cpu {r['cpu_per_gib']:6.2f} s/GiB  rss {r['rss_mib']:6.1f} MiB",
                           file=sys.stderr, flush=True)
     text = report(results, workloads, args, time.time() - t0)
+    # Keep the hand-written optimisation log that follows the tables.
+    try:
+        with open(args.output) as f:
+            old = f.read()
+        if LOG_MARKER in old:
+            text += "\n" + old[old.index(LOG_MARKER):]
+    except OSError:
+        pass
     with open(args.output, "w") as f:
         f.write(text)
     with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
