@@ -1,5 +1,5 @@
 //! One-line volume descriptions: `file:disk.img?size=10G&readonly=true`,
-//! `memory:?size=1G`.
+//! `memory:?size=1G`, `sqlite:vols.db?volume=disk1&size=10G`.
 //!
 //! The same syntax is used on the command line and in config files, so the
 //! parsing and the error messages (which tell the user what to write
@@ -13,10 +13,13 @@ use std::sync::Arc;
 use longwire_core::layers::ReadOnly;
 use longwire_core::Volume;
 
-use crate::{FileVolume, MemoryVolume};
+use crate::sqlite::{Compression, SqliteOptions};
+use crate::{FileVolume, MemoryVolume, SqliteVolume};
 
-const SCHEMES: &str = "file: (file:PATH?size=10G) and memory: (memory:?size=1G)";
+const SCHEMES: &str = "file: (file:PATH?size=10G), memory: (memory:?size=1G) \
+                       and sqlite: (sqlite:PATH?volume=NAME&size=10G)";
 const PARAMS: &str = "size, readonly and description";
+const SQLITE_PARAMS: &str = "volume, size, chunk_size, compression, readonly and description";
 const SIZE_HELP: &str = "use a whole number of bytes, optionally followed by K, M, G, T or P \
                          (powers of 1024, e.g. 10G)";
 
@@ -75,6 +78,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 enum Target {
     File(PathBuf),
     Memory,
+    /// A database file; the volume inside it is `Spec::volume`.
+    Sqlite(PathBuf),
 }
 
 /// A parsed URI, before anything is opened.
@@ -84,6 +89,12 @@ struct Spec {
     size: Option<u64>,
     readonly: bool,
     description: Option<String>,
+    /// sqlite only: the volume's name inside the database.
+    volume: Option<String>,
+    /// sqlite only: chunk size of a new volume.
+    chunk_size: Option<u64>,
+    /// sqlite only: compression of a new volume.
+    compression: Option<Compression>,
 }
 
 /// Open the volume a URI describes. Blocking (it may create or grow a file):
@@ -92,6 +103,12 @@ struct Spec {
 /// - `file:PATH` (relative or absolute) or `file:///abs/path`: a raw image;
 ///   with `size` it is created if missing or grown if smaller, never shrunk.
 /// - `memory:`: a sparse RAM disk; `size` is required.
+/// - `sqlite:PATH?volume=NAME` (path forms as for `file:`): volume `NAME` in
+///   an SQLite database that holds many; with `size` the database and the
+///   volume are created if missing, the volume grown if smaller, never
+///   shrunk. `chunk_size` (default 64K) and `compression` (`none` or
+///   `zstd`) apply when the volume is created; on an existing volume they
+///   must match. See [`crate::sqlite`].
 ///
 /// Query parameters: `size` (see [`parse_size`]), `readonly`
 /// (true/false/1/0/yes/no) and `description` (percent-encoded, `+` is a
@@ -115,6 +132,36 @@ pub fn open_uri(uri: &str) -> Result<OpenedVolume, String> {
             }
             Err(e) => return Err(format!("{uri}: {e}")),
         },
+        Target::Sqlite(path) => {
+            let name = spec.volume.as_deref().ok_or_else(|| {
+                let sep = if uri.contains('?') { '&' } else { '?' };
+                format!(
+                    "{uri}: name the volume inside the database: add {sep}volume=NAME \
+                     (one database holds many volumes)"
+                )
+            })?;
+            let opts = SqliteOptions {
+                size: spec.size,
+                chunk_size: spec.chunk_size,
+                compression: spec.compression,
+                read_only: spec.readonly,
+            };
+            match SqliteVolume::open(path, name, &opts) {
+                Ok(v) => Arc::new(v),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && spec.size.is_none()
+                        && !spec.readonly =>
+                {
+                    let msg = e.to_string();
+                    let msg = msg.strip_suffix(crate::sqlite::NEEDS_SIZE).unwrap_or(&msg);
+                    return Err(format!(
+                        "{uri}: {msg}; add &size=10G (any size) to create it"
+                    ));
+                }
+                Err(e) => return Err(format!("{uri}: {e}")),
+            }
+        }
     };
     let volume = if spec.readonly {
         Arc::new(ReadOnly::new(volume))
@@ -141,7 +188,8 @@ fn parse(uri: &str) -> Result<Spec, String> {
     }
     let (target, query) = rest.split_once('?').unwrap_or((rest, ""));
     let target = match scheme.to_ascii_lowercase().as_str() {
-        "file" => Target::File(file_path(uri, target)?),
+        "file" => Target::File(file_path(uri, "file", target)?),
+        "sqlite" => Target::Sqlite(file_path(uri, "sqlite", target)?),
         "memory" if target.is_empty() => Target::Memory,
         "memory" => {
             return Err(format!(
@@ -155,11 +203,15 @@ fn parse(uri: &str) -> Result<Spec, String> {
         }
     };
 
+    let sqlite = matches!(target, Target::Sqlite(_));
     let mut spec = Spec {
         target,
         size: None,
         readonly: false,
         description: None,
+        volume: None,
+        chunk_size: None,
+        compression: None,
     };
     let mut seen: Vec<&str> = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
@@ -194,34 +246,57 @@ fn parse(uri: &str) -> Result<Spec, String> {
                 }
             }
             "description" => spec.description = Some(value),
+            "volume" if sqlite => {
+                if value.is_empty() {
+                    return Err(format!("{uri}: volume= needs a name, e.g. volume=disk1"));
+                }
+                spec.volume = Some(value)
+            }
+            "chunk_size" if sqlite => {
+                let n = parse_size(&value).map_err(|e| format!("{uri}: chunk_size: {e}"))?;
+                crate::sqlite::check_chunk_size(n).map_err(|e| format!("{uri}: {e}"))?;
+                spec.chunk_size = Some(n)
+            }
+            "compression" if sqlite => {
+                spec.compression = Some(Compression::parse(&value).ok_or_else(|| {
+                    format!("{uri}: compression={value} is not known; use zstd or none")
+                })?)
+            }
             _ => {
+                let valid = if sqlite { SQLITE_PARAMS } else { PARAMS };
                 return Err(format!(
-                    "{uri}: unknown parameter {key:?}; valid parameters are {PARAMS}"
-                ))
+                    "{uri}: unknown parameter {key:?}; valid parameters are {valid}"
+                ));
             }
         }
     }
     Ok(spec)
 }
 
-/// The path part of a `file:` URI: `file:rel/path`, `file:/abs/path`,
-/// `file:///abs/path` or `file://localhost/abs/path`, percent-decoded.
-fn file_path(uri: &str, target: &str) -> Result<PathBuf, String> {
+/// The path part of a `file:` (or `sqlite:`, which `scheme` names) URI:
+/// `file:rel/path`, `file:/abs/path`, `file:///abs/path` or
+/// `file://localhost/abs/path`, percent-decoded.
+fn file_path(uri: &str, scheme: &str, target: &str) -> Result<PathBuf, String> {
     let target = match target.strip_prefix("//") {
         None => target,
         Some(rest) => {
             let rest = rest.strip_prefix("localhost").unwrap_or(rest);
             if !rest.starts_with('/') {
                 return Err(format!(
-                    "{uri}: only local files are supported; write file:///absolute/path or file:relative/path"
+                    "{uri}: only local files are supported; write {scheme}:///absolute/path or {scheme}:relative/path"
                 ));
             }
             rest
         }
     };
     if target.is_empty() {
+        let example = if scheme == "sqlite" {
+            "sqlite:volumes.db?volume=disk1&size=10G"
+        } else {
+            "file:disk.img?size=10G"
+        };
         return Err(format!(
-            "{uri}: no file named; write file:PATH, e.g. file:disk.img?size=10G"
+            "{uri}: no file named; write {scheme}:PATH, e.g. {example}"
         ));
     }
     // '+' is a literal plus in paths; only %XX is decoded.
@@ -425,5 +500,109 @@ mod tests {
             ro.volume.read(100, 4).await.unwrap(),
             Bytes::from_static(b"data")
         );
+    }
+
+    #[test]
+    fn parses_sqlite_forms() {
+        let spec = parse(
+            "sqlite:///srv/vols%20a.db?volume=disk+one&size=2G&chunk_size=16K&compression=ZSTD&readonly",
+        )
+        .unwrap();
+        assert_eq!(spec.target, Target::Sqlite(PathBuf::from("/srv/vols a.db")));
+        assert_eq!(spec.volume.as_deref(), Some("disk one"));
+        assert_eq!(spec.size, Some(2 * G));
+        assert_eq!(spec.chunk_size, Some(16 << 10));
+        assert_eq!(spec.compression, Some(Compression::Zstd));
+        assert!(spec.readonly);
+        let spec = parse("SQLITE:rel/v.db?volume=a&compression=none").unwrap();
+        assert_eq!(spec.target, Target::Sqlite(PathBuf::from("rel/v.db")));
+        assert_eq!(spec.compression, Some(Compression::None));
+
+        let e = |u: &str| parse(u).unwrap_err();
+        assert!(e("sqlite:").contains("sqlite:PATH"), "{}", e("sqlite:"));
+        assert!(e("sqlite://host/v.db").contains("sqlite:///absolute/path"));
+        assert!(e("sqlite:v.db?volume=").contains("needs a name"));
+        assert!(e("sqlite:v.db?volume=a&chunk_size=1000").contains("power of two"));
+        assert!(e("sqlite:v.db?volume=a&chunk_size=big").contains("chunk_size"));
+        assert!(e("sqlite:v.db?volume=a&compression=lz4").contains("zstd or none"));
+        let msg = e("sqlite:v.db?volume=a&sise=1G");
+        assert!(
+            msg.contains("volume, size, chunk_size, compression, readonly and description"),
+            "{msg}"
+        );
+        // sqlite-only parameters are unknown elsewhere.
+        let msg = e("file:a.img?volume=x");
+        assert!(
+            msg.contains("\"volume\"") && msg.contains("size, readonly and description"),
+            "{msg}"
+        );
+        assert!(e("memory:?size=1G&chunk_size=4K").contains("unknown parameter"));
+        assert!(e("nbd://x").contains("sqlite:"));
+    }
+
+    #[tokio::test]
+    async fn opens_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub dir/vols.db");
+        let enc = path.to_str().unwrap().replace(' ', "%20");
+
+        let msg = open_uri(&format!("sqlite:{enc}?size=1M")).unwrap_err();
+        assert!(msg.contains("add &volume=NAME"), "{msg}");
+        let msg = open_uri(&format!("sqlite:{enc}")).unwrap_err();
+        assert!(msg.contains("add ?volume=NAME"), "{msg}");
+        let uri = format!("sqlite:{enc}?volume=a");
+        let msg = open_uri(&uri).unwrap_err();
+        assert_eq!(
+            msg,
+            format!(
+                "{uri}: {} does not exist; add &size=10G (any size) to create it",
+                path.display()
+            )
+        );
+
+        let a = open_uri(&format!(
+            "{uri}&size=4M&chunk_size=16K&description=Volume+A"
+        ))
+        .unwrap();
+        assert_eq!(a.volume.size(), 4 << 20);
+        assert_eq!(a.description.as_deref(), Some("Volume A"));
+        assert_eq!(a.volume.capabilities().preferred_block, 16 << 10);
+        a.volume
+            .write(100, Bytes::from_static(b"data"), true)
+            .await
+            .unwrap();
+
+        // A second volume in the same file; a missing one lists what exists.
+        let b = open_uri(&format!("sqlite:{enc}?volume=b&size=1M&compression=zstd")).unwrap();
+        assert_eq!(b.volume.capabilities().preferred_block, 64 << 10);
+        let msg = open_uri(&format!("sqlite:{enc}?volume=c")).unwrap_err();
+        assert!(
+            msg.contains("no volume \"c\" (it holds \"a\", \"b\"); add &size=10G"),
+            "{msg}"
+        );
+
+        // Never shrinks; conflicting chunk size names both values.
+        let msg = open_uri(&format!("{uri}&size=1M")).unwrap_err();
+        assert!(msg.contains("shrink") && msg.starts_with(&uri), "{msg}");
+        let msg = open_uri(&format!("{uri}&chunk_size=64K")).unwrap_err();
+        assert!(msg.contains("16K") && msg.contains("64K"), "{msg}");
+
+        // Read-only: wrapped, writes refused, data visible.
+        let ro = open_uri(&format!("{uri}&readonly=true")).unwrap();
+        assert!(ro.volume.capabilities().read_only);
+        assert!(matches!(
+            ro.volume.write(0, Bytes::from_static(b"x"), false).await,
+            Err(VolumeError::ReadOnly)
+        ));
+        assert_eq!(
+            ro.volume.read(100, 4).await.unwrap(),
+            Bytes::from_static(b"data")
+        );
+
+        // Not a database.
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, vec![7u8; 8192]).unwrap();
+        let msg = open_uri(&format!("sqlite:{}?volume=a&size=1M", img.display())).unwrap_err();
+        assert!(msg.contains("not an SQLite database"), "{msg}");
     }
 }

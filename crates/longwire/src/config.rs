@@ -20,8 +20,45 @@ pub struct Config {
     pub handshake_timeout: Option<u64>,
     /// Requests in flight per connection.
     pub max_in_flight: Option<usize>,
+    /// TCP addresses to listen on for iSCSI.
+    #[serde(default)]
+    pub iscsi: Vec<String>,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportConfig>,
+    /// `[[iscsi_target]]` tables: targets grouping exports as LUNs, with
+    /// CHAP and initiator allow-lists.
+    #[serde(default, rename = "iscsi_target")]
+    pub iscsi_targets: Vec<IscsiTargetConfig>,
+    /// The iSCSI listeners are the built-in default rather than asked for
+    /// (then a busy port is a warning, not an error).
+    #[serde(skip)]
+    pub iscsi_is_default: bool,
+}
+
+/// One `[[iscsi_target]]` table.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IscsiTargetConfig {
+    /// iSCSI name, e.g. `iqn.2026-11.dev.longwire:group`.
+    pub name: String,
+    /// Exports served as LUN 0, 1, … in this order.
+    pub luns: Vec<String>,
+    /// TargetAlias shown to initiators.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// CHAP: initiators must log in as this user with this secret.
+    #[serde(default)]
+    pub chap_user: Option<String>,
+    #[serde(default)]
+    pub chap_secret: Option<String>,
+    /// Mutual CHAP: the target authenticates itself with these.
+    #[serde(default)]
+    pub mutual_user: Option<String>,
+    #[serde(default)]
+    pub mutual_secret: Option<String>,
+    /// Initiator names allowed to log in (empty: everyone).
+    #[serde(default)]
+    pub allow_initiators: Vec<String>,
 }
 
 /// One `[[export]]` table.
@@ -39,10 +76,14 @@ pub struct ExportConfig {
 
 /// Default listen address when nothing else is said.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+/// Default iSCSI address when nothing else is said.
+pub const DEFAULT_ISCSI: &str = "127.0.0.1:3260";
 
 impl Config {
     /// Load the config file (if any) and apply command-line flags on top:
-    /// exports add up, listen addresses and settings from flags win.
+    /// exports add up, listen addresses and settings from flags win. With
+    /// no listener of any kind, NBD and iSCSI get their default addresses;
+    /// once any is given, only those are opened.
     pub fn from_args(args: &ServeArgs) -> anyhow::Result<Config> {
         let mut cfg = match &args.config {
             Some(path) => Config::load(path)?,
@@ -63,8 +104,21 @@ impl Config {
         if args.max_in_flight.is_some() {
             cfg.max_in_flight = args.max_in_flight;
         }
-        if cfg.listen.is_empty() && cfg.unix.is_none() {
+        if !args.iscsi.is_empty() {
+            if args.no_iscsi {
+                bail!("--iscsi and --no-iscsi contradict each other");
+            }
+            cfg.iscsi = args.iscsi.clone();
+        }
+        if args.no_iscsi {
+            cfg.iscsi.clear();
+        }
+        if cfg.listen.is_empty() && cfg.unix.is_none() && cfg.iscsi.is_empty() {
             cfg.listen.push(DEFAULT_LISTEN.to_string());
+            if !args.no_iscsi {
+                cfg.iscsi.push(DEFAULT_ISCSI.to_string());
+                cfg.iscsi_is_default = true;
+            }
         }
         if cfg.exports.is_empty() {
             cfg.exports.push(default_export());
@@ -114,6 +168,8 @@ mod tests {
             config: None,
             handshake_timeout: None,
             max_in_flight: None,
+            iscsi: vec![],
+            no_iscsi: false,
         }
     }
 
@@ -121,7 +177,70 @@ mod tests {
     fn no_arguments_gives_the_embedded_default() {
         let cfg = Config::from_args(&args(&[])).unwrap();
         assert_eq!(cfg.listen, vec![DEFAULT_LISTEN]);
+        assert_eq!(cfg.iscsi, vec![DEFAULT_ISCSI]);
+        assert!(cfg.iscsi_is_default);
         assert_eq!(cfg.exports, vec![default_export()]);
+    }
+
+    #[test]
+    fn listeners_default_only_when_none_is_given() {
+        let mut a = args(&[]);
+        a.listen = vec!["127.0.0.1:0".into()];
+        let cfg = Config::from_args(&a).unwrap();
+        assert_eq!(cfg.listen, vec!["127.0.0.1:0"]);
+        assert!(cfg.iscsi.is_empty(), "an explicit NBD listener opens no iSCSI default");
+        let mut a = args(&[]);
+        a.iscsi = vec!["127.0.0.1:0".into()];
+        let cfg = Config::from_args(&a).unwrap();
+        assert!(cfg.listen.is_empty() && cfg.unix.is_none(), "an explicit iSCSI listener opens no NBD default");
+        assert_eq!(cfg.iscsi, vec!["127.0.0.1:0"]);
+        assert!(!cfg.iscsi_is_default);
+        let mut a = args(&[]);
+        a.unix = Some("x.sock".into());
+        assert!(Config::from_args(&a).unwrap().iscsi.is_empty());
+        let mut a = args(&[]);
+        a.no_iscsi = true;
+        let cfg = Config::from_args(&a).unwrap();
+        assert_eq!(cfg.listen, vec![DEFAULT_LISTEN]);
+        assert!(cfg.iscsi.is_empty());
+        a.iscsi = vec!["127.0.0.1:0".into()];
+        assert!(Config::from_args(&a).is_err());
+    }
+
+    #[test]
+    fn iscsi_targets_parse_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+iscsi = ["127.0.0.1:3260", "[::1]:3260"]
+[[export]]
+name = "a"
+uri = "memory:?size=1M"
+[[export]]
+name = "b"
+uri = "memory:?size=1M"
+[[iscsi_target]]
+name = "iqn.2026-11.dev.longwire:group"
+luns = ["a", "b"]
+chap_user = "alice"
+chap_secret = "0123456789ab"
+allow_initiators = ["iqn.1994-05.com.redhat:client"]
+"#,
+        )
+        .unwrap();
+        let mut a = args(&[]);
+        a.config = Some(path.clone());
+        let cfg = Config::from_args(&a).unwrap();
+        assert_eq!(cfg.iscsi, vec!["127.0.0.1:3260", "[::1]:3260"]);
+        assert!(cfg.listen.is_empty(), "iscsi in the file counts as a listener");
+        let t = &cfg.iscsi_targets[0];
+        assert_eq!(t.luns, vec!["a", "b"]);
+        assert_eq!(t.chap_user.as_deref(), Some("alice"));
+        assert_eq!(t.allow_initiators, vec!["iqn.1994-05.com.redhat:client"]);
+        std::fs::write(&path, "[[iscsi_target]]\nname = \"x\"\nluns = []\nchap = 1\n").unwrap();
+        assert!(Config::from_args(&a).is_err(), "unknown keys in iscsi_target are errors");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `longwire`: a network block storage server.
 //!
 //! This binary only wires things together: the CLI and config file
-//! ([`cli`], [`config`]) describe exports and listeners, [`serve`] opens the
-//! stores, fills the export registry and runs the front-ends.
+//! ([`cli`], [`config`]) describe exports and listeners, [`iscsi`] decides
+//! the iSCSI targets, [`serve`] opens the stores, fills the export registry
+//! and runs the front-ends.
 
 mod cli;
 mod config;
+mod iscsi;
 mod serve;
 
 use clap::Parser;

@@ -1,5 +1,5 @@
-//! `longwire serve`: open the volumes, bind the listeners, run until a
-//! signal, then shut down gracefully.
+//! `longwire serve`: open the volumes, bind the NBD and iSCSI listeners,
+//! run until a signal, then shut down gracefully.
 //!
 //! Shutdown: stop accepting, let sessions finish in-flight requests (late
 //! requests get ESHUTDOWN), flush every volume, exit. Bounded in time so a
@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use longwire_core::{layers::ReadOnly, Export, ExportRegistry, Volume};
+use longwire_iscsi::backend::{build_target, LunVolume};
+use longwire_iscsi::{IscsiConfig, IscsiServer};
 use longwire_nbd::{NbdServer, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -31,7 +33,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // us at any moment and must get a graceful shutdown, not a kill.
     let signals = Signals::install()?;
     // Check addresses before opening stores, so a typo does not create images.
-    let addrs = cfg.listen.iter().map(|a| parse_addr(a)).collect::<anyhow::Result<Vec<_>>>()?;
+    let addrs = cfg.listen.iter().map(|a| parse_addr(a, "--listen")).collect::<anyhow::Result<Vec<_>>>()?;
+    let iscsi_addrs = cfg.iscsi.iter().map(|a| parse_addr(a, "--iscsi")).collect::<anyhow::Result<Vec<_>>>()?;
+    let export_names: Vec<String> = cfg.exports.iter().map(|e| e.name.clone()).collect();
+    let plans = crate::iscsi::plan_targets(&cfg.iscsi_targets, &export_names)?;
     let registry = Arc::new(build_registry(&cfg.exports)?);
 
     let mut server_cfg = ServerConfig::default();
@@ -57,6 +62,42 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listener = bind_unix(path)?;
         info!("NBD listening on unix:{} (try: nbdinfo 'nbd+unix:///{first}?socket={}')", path.display(), path.display());
         tokio::spawn(accept_unix(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
+    }
+    if !iscsi_addrs.is_empty() {
+        let mut iscsi_cfg = IscsiConfig::default();
+        if let Some(secs) = cfg.handshake_timeout {
+            iscsi_cfg.login_timeout = Duration::from_secs(secs);
+        }
+        let targets = plans
+            .into_iter()
+            .map(|p| {
+                let luns = p
+                    .luns
+                    .iter()
+                    .map(|(lun, export)| LunVolume {
+                        lun: *lun,
+                        export: export.clone(),
+                        volume: registry.get(export).expect("planned from the registry's exports").volume.clone(),
+                    })
+                    .collect();
+                info!(target = %p.name, luns = ?p.luns, chap = p.access.chap.is_some(), "iSCSI target ready");
+                Arc::new(build_target(p.name, luns, p.access))
+            })
+            .collect();
+        let iscsi = IscsiServer::new(targets, iscsi_cfg, shutdown.clone());
+        for addr in iscsi_addrs {
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) if cfg.iscsi_is_default => {
+                    warn!("not serving iSCSI: cannot listen on the default address {addr}: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot listen for iSCSI on {addr}")),
+            };
+            let local = listener.local_addr()?;
+            info!("iSCSI listening on {local} (try: iscsi-ls -s iscsi://{local})");
+            tokio::spawn(accept_iscsi(listener, iscsi.clone(), sessions.clone(), shutdown.clone()));
+        }
     }
 
     signals.wait().await;
@@ -100,9 +141,9 @@ fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
     Ok(registry)
 }
 
-fn parse_addr(addr: &str) -> anyhow::Result<SocketAddr> {
+fn parse_addr(addr: &str, flag: &str) -> anyhow::Result<SocketAddr> {
     addr.parse()
-        .with_context(|| format!("--listen {addr:?} is not an address like 127.0.0.1:10809 or [::1]:10809"))
+        .with_context(|| format!("{flag} {addr:?} is not an address like 127.0.0.1:10809 or [::1]:10809"))
 }
 
 fn bind_unix(path: &PathBuf) -> anyhow::Result<UnixListener> {
@@ -128,6 +169,30 @@ async fn accept_tcp(listener: TcpListener, nbd: Arc<NbdServer>, sessions: TaskTr
                 let _ = stream.set_nodelay(true);
                 let (rd, wr) = stream.into_split();
                 sessions.spawn(nbd.clone().serve_connection(rd, wr, peer.to_string()));
+            }
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+async fn accept_iscsi(listener: TcpListener, iscsi: Arc<IscsiServer>, sessions: TaskTracker, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let local = match stream.local_addr() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!("iSCSI connection from {peer}: {e}");
+                        continue;
+                    }
+                };
+                let (rd, wr) = stream.into_split();
+                sessions.spawn(iscsi.clone().serve_connection(rd, wr, peer.to_string(), local));
             }
             Err(e) => accept_failed(e).await,
         }

@@ -17,6 +17,7 @@
 
 #![allow(dead_code)]
 
+pub mod fuse;
 pub mod json;
 pub mod raw;
 
@@ -62,6 +63,9 @@ fn package_for(tool: &str) -> &'static str {
         "nbdfuse" => "nbdfuse",
         "nbdkit" => "nbdkit",
         "qemu-io" | "qemu-img" | "qemu-nbd" => "qemu-utils",
+        "iscsi-ls" | "iscsi-inq" | "iscsi-readcapacity16" | "iscsi-test-cu" | "iscsi-swp" => {
+            "libiscsi-bin"
+        }
         "fusermount3" => "fuse3",
         "mkfs.ext4" | "fsck.ext4" | "debugfs" | "e2fsck" => "e2fsprogs",
         "fio" => "fio",
@@ -260,6 +264,8 @@ pub enum Listen {
 struct LogState {
     lines: Vec<String>,
     listening: Vec<Listen>,
+    /// Addresses from `iSCSI listening on` lines.
+    iscsi: Vec<SocketAddr>,
     eof: bool,
 }
 
@@ -272,9 +278,11 @@ pub struct Server {
     dir_path: PathBuf,
     args: Vec<String>,
     want_listeners: Option<usize>,
+    want_iscsi: Option<usize>,
     log: SharedLog,
     stdout_log: Arc<Mutex<Vec<String>>>,
     listeners: Vec<Listen>,
+    iscsi_listeners: Vec<SocketAddr>,
     exit_status: Option<ExitStatus>,
     script_counter: AtomicUsize,
 }
@@ -308,9 +316,13 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Parse the address out of a log line containing `listening on ADDR`.
+/// Parse the address out of a log line containing `listening on ADDR`
+/// (NBD listeners; `iSCSI listening on` lines are [`parse_iscsi_listening`]'s).
 pub fn parse_listening(line: &str) -> Option<Listen> {
     let line = strip_ansi(line);
+    if line.contains("iSCSI listening on ") {
+        return None;
+    }
     let idx = line.find("listening on ")?;
     let rest = line[idx + "listening on ".len()..].trim_start();
     let token: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
@@ -323,22 +335,36 @@ pub fn parse_listening(line: &str) -> Option<Listen> {
     token.parse::<SocketAddr>().ok().map(Listen::Tcp)
 }
 
-/// How many `listening on` lines the arguments imply.
+/// Parse the address out of a log line `iSCSI listening on ADDR (…)`.
+pub fn parse_iscsi_listening(line: &str) -> Option<SocketAddr> {
+    let line = strip_ansi(line);
+    let idx = line.find("iSCSI listening on ")?;
+    let rest = &line[idx + "iSCSI listening on ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+fn count_flag(args: &[String], flag: &str) -> usize {
+    let eq = format!("{flag}=");
+    args.iter()
+        .filter(|a| *a == flag || a.starts_with(&eq))
+        .count()
+}
+
+/// How many NBD `listening on` lines the arguments imply: one per
+/// --listen/--unix; with no listener flag at all, the default one.
 fn expected_listeners(args: &[String]) -> usize {
-    let n = args
-        .iter()
-        .filter(|a| {
-            *a == "--listen"
-                || *a == "--unix"
-                || a.starts_with("--listen=")
-                || a.starts_with("--unix=")
-        })
-        .count();
-    if n == 0 {
+    let n = count_flag(args, "--listen") + count_flag(args, "--unix");
+    if n == 0 && count_flag(args, "--iscsi") == 0 {
         1
     } else {
         n
     }
+}
+
+/// How many `iSCSI listening on` lines to wait for: one per --iscsi (the
+/// default iSCSI listener is not waited for: its port may be taken).
+fn expected_iscsi_listeners(args: &[String]) -> usize {
+    count_flag(args, "--iscsi")
 }
 
 impl Server {
@@ -362,6 +388,26 @@ impl Server {
         listeners: Option<usize>,
         prepare: impl FnOnce(&Path),
     ) -> Server {
+        Self::start_inner(args, listeners, None, prepare)
+    }
+
+    /// Like [`Server::start_with`], also saying how many `iSCSI listening
+    /// on` lines to wait for (when iSCSI listeners come from a --config file).
+    pub fn start_with_iscsi(
+        args: &[&str],
+        listeners: Option<usize>,
+        iscsi: usize,
+        prepare: impl FnOnce(&Path),
+    ) -> Server {
+        Self::start_inner(args, listeners, Some(iscsi), prepare)
+    }
+
+    fn start_inner(
+        args: &[&str],
+        listeners: Option<usize>,
+        iscsi: Option<usize>,
+        prepare: impl FnOnce(&Path),
+    ) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("longwire-test-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -378,9 +424,11 @@ impl Server {
             dir_path,
             args,
             want_listeners: listeners,
+            want_iscsi: iscsi,
             log: Arc::new((Mutex::new(LogState::default()), Condvar::new())),
             stdout_log: Arc::new(Mutex::new(Vec::new())),
             listeners: Vec::new(),
+            iscsi_listeners: Vec::new(),
             exit_status: None,
             script_counter: AtomicUsize::new(0),
         };
@@ -420,6 +468,9 @@ impl Server {
                         if let Some(l) = parse_listening(&line) {
                             st.listening.push(l);
                         }
+                        if let Some(a) = parse_iscsi_listening(&line) {
+                            st.iscsi.push(a);
+                        }
                         st.lines.push(line);
                         cv.notify_all();
                     }
@@ -448,11 +499,14 @@ impl Server {
         let want = self
             .want_listeners
             .unwrap_or_else(|| expected_listeners(&self.args));
+        let want_iscsi = self
+            .want_iscsi
+            .unwrap_or_else(|| expected_iscsi_listeners(&self.args));
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let (m, cv) = &*self.log;
         let mut st = m.lock().unwrap();
         loop {
-            if st.listening.len() >= want {
+            if st.listening.len() >= want && st.iscsi.len() >= want_iscsi {
                 break;
             }
             let now = Instant::now();
@@ -477,6 +531,7 @@ impl Server {
             st = cv.wait_timeout(st, deadline - now).unwrap().0;
         }
         self.listeners = st.listening.clone();
+        self.iscsi_listeners = st.iscsi.clone();
     }
 
     /// Stop (SIGTERM) if running and start again with the same arguments in
@@ -508,6 +563,24 @@ impl Server {
 
     pub fn listeners(&self) -> &[Listen] {
         &self.listeners
+    }
+
+    /// iSCSI listeners reported by the server.
+    pub fn iscsi_addrs(&self) -> &[SocketAddr] {
+        &self.iscsi_listeners
+    }
+
+    /// First iSCSI listener.
+    pub fn iscsi_addr(&self) -> SocketAddr {
+        *self
+            .iscsi_listeners
+            .first()
+            .unwrap_or_else(|| panic!("server has no iSCSI listener\n{}", self.logs()))
+    }
+
+    /// `iscsi://ADDR/TARGET/LUN` for libiscsi tools and qemu.
+    pub fn iscsi_url(&self, target: &str, lun: u64) -> String {
+        format!("iscsi://{}/{target}/{lun}", self.iscsi_addr())
     }
 
     pub fn tcp_addrs(&self) -> Vec<SocketAddr> {

@@ -175,17 +175,29 @@ pub fn be64(b: &[u8]) -> u64 {
 
 /// The 18 bytes the server must open with.
 pub fn expected_greeting() -> Vec<u8> {
-    Be::new().u64(NBDMAGIC).u64(IHAVEOPT).u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).0
+    Be::new()
+        .u64(NBDMAGIC)
+        .u64(IHAVEOPT)
+        .u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        .0
 }
 
 /// An option request: IHAVEOPT, option, length, data.
 pub fn option_bytes(opt: u32, data: &[u8]) -> Vec<u8> {
-    Be::new().u64(IHAVEOPT).u32(opt).u32(data.len() as u32).raw(data).0
+    Be::new()
+        .u64(IHAVEOPT)
+        .u32(opt)
+        .u32(data.len() as u32)
+        .raw(data)
+        .0
 }
 
 /// NBD_OPT_GO / NBD_OPT_INFO payload: name, then the requested NBD_INFO items.
 pub fn go_payload(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut b = Be::new().u32(name.len() as u32).raw(name.as_bytes()).u16(infos.len() as u16);
+    let mut b = Be::new()
+        .u32(name.len() as u32)
+        .raw(name.as_bytes())
+        .u16(infos.len() as u16);
     for &i in infos {
         b = b.u16(i);
     }
@@ -194,7 +206,10 @@ pub fn go_payload(name: &str, infos: &[u16]) -> Vec<u8> {
 
 /// NBD_OPT_SET_META_CONTEXT / LIST_META_CONTEXT payload.
 pub fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
-    let mut b = Be::new().u32(export.len() as u32).raw(export.as_bytes()).u32(queries.len() as u32);
+    let mut b = Be::new()
+        .u32(export.len() as u32)
+        .raw(export.as_bytes())
+        .u32(queries.len() as u32);
     for q in queries {
         b = b.u32(q.len() as u32).raw(q.as_bytes());
     }
@@ -203,12 +218,26 @@ pub fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
 
 /// A compact (28-byte header) request.
 pub fn compact_request(flags: u16, typ: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    Be::new().u32(REQUEST_MAGIC).u16(flags).u16(typ).u64(cookie).u64(offset).u32(len).0
+    Be::new()
+        .u32(REQUEST_MAGIC)
+        .u16(flags)
+        .u16(typ)
+        .u64(cookie)
+        .u64(offset)
+        .u32(len)
+        .0
 }
 
 /// An extended (32-byte header) request.
 pub fn extended_request(flags: u16, typ: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
-    Be::new().u32(EXTENDED_REQUEST_MAGIC).u16(flags).u16(typ).u64(cookie).u64(offset).u64(len).0
+    Be::new()
+        .u32(EXTENDED_REQUEST_MAGIC)
+        .u16(flags)
+        .u16(typ)
+        .u64(cookie)
+        .u64(offset)
+        .u64(len)
+        .0
 }
 
 /// The NBD_INFO_EXPORT item of an INFO/GO reply: (size, transmission flags).
@@ -217,13 +246,20 @@ pub fn export_info(items: &[(u16, Vec<u8>)]) -> (u64, u16) {
         .iter()
         .find(|(t, _)| *t == INFO_EXPORT)
         .unwrap_or_else(|| panic!("no NBD_INFO_EXPORT in {items:?}"));
-    assert_eq!(e.1.len(), 10, "NBD_INFO_EXPORT is 12 bytes (type, size, flags)");
+    assert_eq!(
+        e.1.len(),
+        10,
+        "NBD_INFO_EXPORT is 12 bytes (type, size, flags)"
+    );
     (be64(&e.1), be16(&e.1[8..]))
 }
 
 /// The payload of the NBD_INFO item `typ` (after the 2-byte type), if sent.
 pub fn info_item(items: &[(u16, Vec<u8>)], typ: u16) -> Option<&[u8]> {
-    items.iter().find(|(t, _)| *t == typ).map(|(_, d)| d.as_slice())
+    items
+        .iter()
+        .find(|(t, _)| *t == typ)
+        .map(|(_, d)| d.as_slice())
 }
 
 /// The NBD_INFO items of an INFO/GO reply: (type, payload after the type).
@@ -264,8 +300,14 @@ impl Chunk {
 
     /// (errno, message) of an NBD_REPLY_TYPE_ERROR chunk, checking its framing.
     pub fn error(&self) -> (u32, String) {
-        assert_eq!(self.typ, TYPE_ERROR, "expected an NBD_REPLY_TYPE_ERROR chunk, got {self:?}");
-        assert!(self.payload.len() >= 6, "error chunk payload shorter than 6 bytes: {self:?}");
+        assert_eq!(
+            self.typ, TYPE_ERROR,
+            "expected an NBD_REPLY_TYPE_ERROR chunk, got {self:?}"
+        );
+        assert!(
+            self.payload.len() >= 6,
+            "error chunk payload shorter than 6 bytes: {self:?}"
+        );
         let errno = be32(&self.payload);
         let msg_len = be16(&self.payload[4..]) as usize;
         assert_eq!(
@@ -274,7 +316,8 @@ impl Chunk {
             "error chunk message length {msg_len} does not match chunk length {}",
             self.payload.len()
         );
-        let msg = String::from_utf8(self.payload[6..].to_vec()).expect("error message is not UTF-8");
+        let msg =
+            String::from_utf8(self.payload[6..].to_vec()).expect("error message is not UTF-8");
         (errno, msg)
     }
 }
@@ -293,11 +336,15 @@ pub struct Conn {
 impl Conn {
     /// Connect without reading anything.
     pub fn connect_addr(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_nodelay(true).unwrap();
-        Conn { s, style: Style::Simple }
+        Conn {
+            s,
+            style: Style::Simple,
+        }
     }
 
     /// Connect to the server's TCP listener without reading anything.
@@ -390,7 +437,10 @@ impl Conn {
         match self.s.read(&mut b) {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Ok(0) => panic!("{what}: the server closed the connection"),
-            Ok(n) => panic!("{what}: unexpected {n} bytes from the server: {:02x?}", &b[..n]),
+            Ok(n) => panic!(
+                "{what}: unexpected {n} bytes from the server: {:02x?}",
+                &b[..n]
+            ),
             Err(e) => panic!("{what}: {e}"),
         }
         self.s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -409,14 +459,21 @@ impl Conn {
         assert_eq!(be32(&h[8..]), opt, "option reply must echo the option");
         let typ = be32(&h[12..]);
         let len = be32(&h[16..]) as usize;
-        assert!(len <= 64 * 1024, "option reply of {len} bytes is implausible");
+        assert!(
+            len <= 64 * 1024,
+            "option reply of {len} bytes is implausible"
+        );
         (typ, self.recv(len))
     }
 
     /// Send `opt` and expect exactly one NBD_REP_ACK with no data.
     pub fn expect_ack(&mut self, opt: u32, data: &[u8]) {
         self.option(opt, data);
-        assert_eq!(self.opt_reply(opt), (REP_ACK, vec![]), "reply to option {opt}");
+        assert_eq!(
+            self.opt_reply(opt),
+            (REP_ACK, vec![]),
+            "reply to option {opt}"
+        );
     }
 
     /// Send `opt` and expect a single error reply of type `err` whose data
@@ -424,25 +481,49 @@ impl Conn {
     pub fn expect_opt_error(&mut self, opt: u32, data: &[u8], err: u32) -> String {
         self.option(opt, data);
         let (typ, msg) = self.opt_reply(opt);
-        assert_eq!(typ, err, "reply type to option {opt} (message {:?})", String::from_utf8_lossy(&msg));
+        assert_eq!(
+            typ,
+            err,
+            "reply type to option {opt} (message {:?})",
+            String::from_utf8_lossy(&msg)
+        );
         String::from_utf8(msg).expect("error message is UTF-8")
     }
 
     /// SET_META_CONTEXT base:allocation; returns the assigned context id.
     pub fn set_meta_base_allocation(&mut self, export: &str) -> u32 {
-        self.option(OPT_SET_META_CONTEXT, &meta_payload(export, &["base:allocation"]));
+        self.option(
+            OPT_SET_META_CONTEXT,
+            &meta_payload(export, &["base:allocation"]),
+        );
         let (typ, d) = self.opt_reply(OPT_SET_META_CONTEXT);
-        assert_eq!(typ, REP_META_CONTEXT, "SET_META_CONTEXT must select base:allocation");
-        assert_eq!(&d[4..], b"base:allocation", "META_CONTEXT reply names the context");
+        assert_eq!(
+            typ, REP_META_CONTEXT,
+            "SET_META_CONTEXT must select base:allocation"
+        );
+        assert_eq!(
+            &d[4..],
+            b"base:allocation",
+            "META_CONTEXT reply names the context"
+        );
         let id = be32(&d);
-        assert_eq!(self.opt_reply(OPT_SET_META_CONTEXT), (REP_ACK, vec![]), "SET_META_CONTEXT ends with ACK");
+        assert_eq!(
+            self.opt_reply(OPT_SET_META_CONTEXT),
+            (REP_ACK, vec![]),
+            "SET_META_CONTEXT ends with ACK"
+        );
         id
     }
 
     /// NBD_OPT_INFO or NBD_OPT_GO (`opt`) for `name`, requesting `infos`.
     /// On ACK returns every NBD_INFO item as (type, payload after the type);
     /// on an error reply returns (error type, message).
-    pub fn info_go(&mut self, opt: u32, name: &str, infos: &[u16]) -> Result<InfoItems, (u32, String)> {
+    pub fn info_go(
+        &mut self,
+        opt: u32,
+        name: &str,
+        infos: &[u16],
+    ) -> Result<InfoItems, (u32, String)> {
         self.option(opt, &go_payload(name, infos));
         let mut items = Vec::new();
         loop {
@@ -456,7 +537,9 @@ impl Conn {
                     assert!(d.is_empty(), "ACK with data");
                     return Ok(items);
                 }
-                t if t & REP_FLAG_ERROR != 0 => return Err((t, String::from_utf8_lossy(&d).into_owned())),
+                t if t & REP_FLAG_ERROR != 0 => {
+                    return Err((t, String::from_utf8_lossy(&d).into_owned()))
+                }
                 t => panic!("unexpected reply type {t:#x} to option {opt} for {name:?}"),
             }
         }
@@ -474,7 +557,11 @@ impl Conn {
             .info_go(OPT_GO, name, &[])
             .unwrap_or_else(|(t, m)| panic!("GO {name:?} failed with reply type {t:#x}: {m:?}"));
         let (size, flags) = export_info(&items);
-        GoInfo { size, flags, ctx: None }
+        GoInfo {
+            size,
+            flags,
+            ctx: None,
+        }
     }
 
     // -- requests -----------------------------------------------------------
@@ -496,7 +583,11 @@ impl Conn {
 
     /// Bytes of a WRITE request (PAYLOAD_LEN set when extended).
     pub fn write_bytes(&self, cookie: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
-        let flags = if self.style == Style::Extended { CMD_FLAG_PAYLOAD_LEN } else { 0 };
+        let flags = if self.style == Style::Extended {
+            CMD_FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
         let mut b = self.header(flags, CMD_WRITE, cookie, offset, payload.len() as u64);
         b.extend_from_slice(payload);
         b
@@ -507,7 +598,11 @@ impl Conn {
     /// A 16-byte simple reply header: (errno, cookie).
     pub fn simple_reply(&mut self) -> (u32, u64) {
         let h = self.recv(16);
-        assert_eq!(be32(&h), SIMPLE_REPLY_MAGIC, "simple reply magic in {h:02x?}");
+        assert_eq!(
+            be32(&h),
+            SIMPLE_REPLY_MAGIC,
+            "simple reply magic in {h:02x?}"
+        );
         (be32(&h[4..]), be64(&h[8..]))
     }
 
@@ -518,9 +613,16 @@ impl Conn {
             Style::Simple => panic!("no chunks without structured replies"),
             Style::Structured => {
                 let h = self.recv(20);
-                assert_eq!(be32(&h), STRUCTURED_REPLY_MAGIC, "structured reply magic in {h:02x?}");
+                assert_eq!(
+                    be32(&h),
+                    STRUCTURED_REPLY_MAGIC,
+                    "structured reply magic in {h:02x?}"
+                );
                 let len = be32(&h[16..]) as usize;
-                assert!(len as u64 <= MAX_PAYLOAD + 64, "chunk length {len} is implausible");
+                assert!(
+                    len as u64 <= MAX_PAYLOAD + 64,
+                    "chunk length {len} is implausible"
+                );
                 Chunk {
                     flags: be16(&h[4..]),
                     typ: be16(&h[6..]),
@@ -531,7 +633,11 @@ impl Conn {
             }
             Style::Extended => {
                 let h = self.recv(32);
-                assert_eq!(be32(&h), EXTENDED_REPLY_MAGIC, "extended reply magic in {h:02x?}");
+                assert_eq!(
+                    be32(&h),
+                    EXTENDED_REPLY_MAGIC,
+                    "extended reply magic in {h:02x?}"
+                );
                 let len = be64(&h[24..]);
                 assert!(len <= MAX_PAYLOAD + 64, "chunk length {len} is implausible");
                 Chunk {
@@ -574,9 +680,16 @@ impl Conn {
             _ => {
                 let c = self.chunk();
                 assert_eq!(c.cookie, cookie, "reply cookie in {c:?}");
-                assert!(c.done(), "a single-chunk reply must have NBD_REPLY_FLAG_DONE: {c:?}");
+                assert!(
+                    c.done(),
+                    "a single-chunk reply must have NBD_REPLY_FLAG_DONE: {c:?}"
+                );
                 if self.style == Style::Extended {
-                    assert_eq!(c.offset, Some(req_offset), "extended reply must echo the request offset: {c:?}");
+                    assert_eq!(
+                        c.offset,
+                        Some(req_offset),
+                        "extended reply must echo the request offset: {c:?}"
+                    );
                 }
                 match c.typ {
                     TYPE_NONE => {
@@ -609,7 +722,12 @@ impl Conn {
     }
 
     pub fn write_ok(&mut self, cookie: u64, offset: u64, payload: &[u8]) {
-        assert_eq!(self.write(cookie, offset, payload), 0, "write of {} bytes at {offset}", payload.len());
+        assert_eq!(
+            self.write(cookie, offset, payload),
+            0,
+            "write of {} bytes at {offset}",
+            payload.len()
+        );
     }
 
     /// READ that must succeed; returns the data (reassembled from chunks
@@ -619,7 +737,11 @@ impl Conn {
         match self.style {
             Style::Simple => {
                 let (errno, got) = self.simple_reply();
-                assert_eq!((errno, got), (0, cookie), "simple read reply (errno, cookie)");
+                assert_eq!(
+                    (errno, got),
+                    (0, cookie),
+                    "simple read reply (errno, cookie)"
+                );
                 self.recv(len as usize)
             }
             _ => {
@@ -644,11 +766,18 @@ pub fn assemble(style: Style, offset: u64, len: u64, chunks: &[Chunk]) -> Vec<u8
     let mut covered = vec![false; len as usize];
     for c in chunks {
         if style == Style::Extended {
-            assert_eq!(c.offset, Some(offset), "extended chunk must echo the request offset: {c:?}");
+            assert_eq!(
+                c.offset,
+                Some(offset),
+                "extended chunk must echo the request offset: {c:?}"
+            );
         }
         let (at, n) = match c.typ {
             TYPE_OFFSET_DATA => {
-                assert!(c.payload.len() >= 9, "OFFSET_DATA chunk must be at least 9 bytes");
+                assert!(
+                    c.payload.len() >= 9,
+                    "OFFSET_DATA chunk must be at least 9 bytes"
+                );
                 (be64(&c.payload), c.payload.len() as u64 - 8)
             }
             TYPE_OFFSET_HOLE => {
@@ -677,14 +806,20 @@ pub fn assemble(style: Style, offset: u64, len: u64, chunks: &[Chunk]) -> Vec<u8
         }
     }
     if let Some(i) = covered.iter().position(|&c| !c) {
-        panic!("read reply does not cover offset {} (chunks: {chunks:?})", offset + i as u64);
+        panic!(
+            "read reply does not cover offset {} (chunks: {chunks:?})",
+            offset + i as u64
+        );
     }
     buf
 }
 
 /// Decode a compact NBD_REPLY_TYPE_BLOCK_STATUS chunk: (context, extents).
 pub fn block_status_compact(c: &Chunk) -> (u32, Vec<(u64, u32)>) {
-    assert_eq!(c.typ, TYPE_BLOCK_STATUS, "expected a BLOCK_STATUS chunk: {c:?}");
+    assert_eq!(
+        c.typ, TYPE_BLOCK_STATUS,
+        "expected a BLOCK_STATUS chunk: {c:?}"
+    );
     assert!(c.done(), "block status chunk must be final (one context)");
     let p = &c.payload;
     assert!(
@@ -692,13 +827,19 @@ pub fn block_status_compact(c: &Chunk) -> (u32, Vec<(u64, u32)>) {
         "BLOCK_STATUS length {} is not 4 + 8n",
         p.len()
     );
-    let ext = p[4..].chunks(8).map(|d| (be32(d) as u64, be32(&d[4..]))).collect();
+    let ext = p[4..]
+        .chunks(8)
+        .map(|d| (be32(d) as u64, be32(&d[4..])))
+        .collect();
     (be32(p), ext)
 }
 
 /// Decode an NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk: (context, extents).
 pub fn block_status_ext(c: &Chunk) -> (u32, Vec<(u64, u32)>) {
-    assert_eq!(c.typ, TYPE_BLOCK_STATUS_EXT, "expected a BLOCK_STATUS_EXT chunk: {c:?}");
+    assert_eq!(
+        c.typ, TYPE_BLOCK_STATUS_EXT,
+        "expected a BLOCK_STATUS_EXT chunk: {c:?}"
+    );
     assert!(c.done(), "block status chunk must be final (one context)");
     let p = &c.payload;
     assert!(
@@ -707,7 +848,11 @@ pub fn block_status_ext(c: &Chunk) -> (u32, Vec<(u64, u32)>) {
         p.len()
     );
     let count = be32(&p[4..]) as usize;
-    assert_eq!(count * 16 + 8, p.len(), "descriptor count must match the chunk length");
+    assert_eq!(
+        count * 16 + 8,
+        p.len(),
+        "descriptor count must match the chunk length"
+    );
     let ext = p[8..]
         .chunks(16)
         .map(|d| {
