@@ -88,4 +88,9 @@ pub struct ServeArgs {
     /// reading more from it.
     #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
+
+    /// Threads doing blocking file I/O (writes, syncs, uncached reads) for
+    /// all file volumes [default: 4].
+    #[arg(long, value_name = "N")]
+    pub io_threads: Option<usize>,
 }

@@ -20,6 +20,8 @@ pub struct Config {
     pub handshake_timeout: Option<u64>,
     /// Requests in flight per connection.
     pub max_in_flight: Option<usize>,
+    /// Threads doing blocking file I/O.
+    pub io_threads: Option<usize>,
     /// TCP addresses to listen on for iSCSI.
     #[serde(default)]
     pub iscsi: Vec<String>,
@@ -104,6 +106,9 @@ impl Config {
         if args.max_in_flight.is_some() {
             cfg.max_in_flight = args.max_in_flight;
         }
+        if args.io_threads.is_some() {
+            cfg.io_threads = args.io_threads;
+        }
         if !args.iscsi.is_empty() {
             if args.no_iscsi {
                 bail!("--iscsi and --no-iscsi contradict each other");
@@ -125,6 +130,9 @@ impl Config {
         }
         if cfg.max_in_flight == Some(0) {
             bail!("max_in_flight must be at least 1");
+        }
+        if cfg.io_threads == Some(0) {
+            bail!("io_threads must be at least 1");
         }
         Ok(cfg)
     }
@@ -168,6 +176,7 @@ mod tests {
             config: None,
             handshake_timeout: None,
             max_in_flight: None,
+            io_threads: None,
             iscsi: vec![],
             no_iscsi: false,
         }

@@ -37,6 +37,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let iscsi_addrs = cfg.iscsi.iter().map(|a| parse_addr(a, "--iscsi")).collect::<anyhow::Result<Vec<_>>>()?;
     let export_names: Vec<String> = cfg.exports.iter().map(|e| e.name.clone()).collect();
     let plans = crate::iscsi::plan_targets(&cfg.iscsi_targets, &export_names)?;
+    if let Some(n) = cfg.io_threads {
+        longwire_store::set_io_threads(n);
+    }
     let registry = Arc::new(build_registry(&cfg.exports)?);
 
     let mut server_cfg = ServerConfig::default();
