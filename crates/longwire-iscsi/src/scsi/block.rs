@@ -46,7 +46,11 @@ fn write_failure(e: VolumeError) -> Failure {
 }
 
 fn failure(e: VolumeError, medium: Sense) -> Failure {
-    tracing::warn!(error = %e, "volume operation failed");
+    if matches!(e, VolumeError::Shutdown) {
+        tracing::debug!("volume operation refused: shutting down");
+    } else {
+        tracing::warn!(error = %e, "volume operation failed");
+    }
     match e {
         VolumeError::Shutdown => Failure::Status(status::BUSY),
         VolumeError::ReadOnly => Failure::Check(sense::WRITE_PROTECTED),
