@@ -171,6 +171,112 @@ SERVERS = [
 ]
 
 
+# -------------------------------------------------------------------- iSCSI
+
+@dataclass
+class IscsiWorkload:
+    name: str
+    tool: str  # "qemu-img" or "iscsi-perf"
+    bs: int
+    depth: int
+    write: bool = False
+    count: int = 0  # qemu-img bench request count
+    store: str = "iscsi"
+
+
+def iscsi_workloads():
+    return [
+        IscsiWorkload("iSCSI 4k read QD32 (qemu-img bench)", "qemu-img", 4096, 32, count=150_000),
+        IscsiWorkload("iSCSI 4k write QD32 (qemu-img bench)", "qemu-img", 4096, 32, True, count=150_000),
+        IscsiWorkload("iSCSI 1M read QD8 (qemu-img bench)", "qemu-img", 1 << 20, 8, count=4_000),
+        IscsiWorkload("iSCSI 1M write QD8 (qemu-img bench)", "qemu-img", 1 << 20, 8, True, count=4_000),
+        IscsiWorkload("iSCSI 4k randread QD32 (iscsi-perf)", "iscsi-perf", 4096, 32),
+    ]
+
+
+class LongwireIscsi(Server):
+    def argv(self, port, image, store, tmp):
+        return [LONGWIRE, "serve", "--export", f"bench=file:{image}", "--iscsi", f"127.0.0.1:{port}"]
+
+    def env(self):
+        e = dict(os.environ)
+        e["RUST_LOG"] = "warn"
+        return e
+
+    def url(self, port):
+        return f"iscsi://127.0.0.1:{port}/iqn.2026-11.dev.longwire:bench/0"
+
+
+class Tgt(Server):
+    """tgtd in the foreground on a private portal and control port."""
+
+    def argv(self, port, image, store, tmp):
+        self.ctl = str(port % 1000 + 100)
+        return ["tgtd", "-f", "-C", self.ctl, "--iscsi", f"portal=127.0.0.1:{port}"]
+
+    def configure(self, image):
+        adm = ["tgtadm", "-C", self.ctl, "--lld", "iscsi"]
+        subprocess.run(adm + ["--op", "new", "--mode", "target", "--tid", "1", "-T", "iqn.2026-11.dev.bench:tgt"], check=True)
+        subprocess.run(adm + ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", image], check=True)
+        subprocess.run(adm + ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"], check=True)
+
+    def url(self, port):
+        return f"iscsi://127.0.0.1:{port}/iqn.2026-11.dev.bench:tgt/1"
+
+
+ISCSI_SERVERS = [
+    LongwireIscsi("longwire iSCSI", "file store, ImmediateData, CmdSN window 64", ("iscsi",)),
+    Tgt("tgt", "tgtd 1.0.85, rdwr backing store, default I/O threads", ("iscsi",)),
+]
+
+
+def iscsi_tool(url, wl, runtime):
+    if wl.tool == "qemu-img":
+        cmd = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-c", str(wl.count), "-d", str(wl.depth), "-s", str(wl.bs)]
+        if wl.write:
+            cmd.append("-w")
+        out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
+        secs = float(out.strip().splitlines()[-1].split()[3])
+        iops = wl.count / secs
+    else:
+        p = subprocess.run(["timeout", str(runtime + 1), "iscsi-perf", "-r", "-m", str(wl.depth), "-b", str(wl.bs // 512), url],
+                           capture_output=True, text=True)
+        lines = [l for l in (p.stdout + p.stderr).replace("\r", "\n").splitlines() if "iops average" in l]
+        if not lines:
+            raise RuntimeError("iscsi-perf printed no statistics")
+        iops = float(lines[-1].split("iops average")[1].split()[0])
+        secs = runtime
+    return {"iops": iops, "mbps": iops * wl.bs / 1e6, "bytes": iops * wl.bs * secs}
+
+
+def run_iscsi_once(server, wl, image, tmp, runtime):
+    port = free_port()
+    proc = subprocess.Popen(server.argv(port, image, wl.store, tmp), env=server.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(port, proc)
+        if isinstance(server, Tgt):
+            server.configure(image)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        cpu0 = cpu_seconds(tree(proc.pid))
+        res = iscsi_tool(server.url(port), wl, runtime)
+        cpu1 = cpu_seconds(tree(proc.pid))
+        sampler.stop.set()
+        sampler.join()
+        gib = res["bytes"] / (1 << 30)
+        res["cpu_per_gib"] = (cpu1 - cpu0) / gib if gib else float("nan")
+        res["rss_mib"] = sampler.peak / (1 << 20)
+        return res
+    finally:
+        # tgtd ignores SIGTERM while it has targets; this is a benchmark.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 # ------------------------------------------------------------ /proc probes
 
 def tree(pid):
@@ -364,6 +470,7 @@ def versions():
         "qemu-nbd": first_line(["qemu-nbd", "--version"]),
         "nbd-server": nbd_server,
         "fio": first_line(["fio", "--version"]),
+        "qemu-img": first_line(["qemu-img", "--version"]),
     }
 
 
@@ -411,7 +518,7 @@ def report(results, workloads, args, elapsed):
     for k, v in versions().items():
         lines.append(f"| {k} | {v} |")
     lines += ["", "| server | settings |", "|---|---|"]
-    for s in SERVERS:
+    for s in SERVERS + ISCSI_SERVERS:
         lines.append(f"| {s.name} | {s.settings} |")
     for wl in workloads:
         cells = {s: c for (w, s), c in results.items() if w == wl.name and c.runs}
@@ -451,17 +558,17 @@ def main():
     if args.quick:
         args.reps, args.runtime, args.ramp = 1, 2, 0
 
-    for tool in ("fio", "nbdkit", "qemu-nbd", "nbd-server"):
+    for tool in ("fio", "nbdkit", "qemu-nbd", "nbd-server", "tgtd", "tgtadm", "qemu-img", "iscsi-perf"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found; run bench/run, which installs it")
     os.makedirs(args.image_dir, exist_ok=True)
     image = os.path.join(args.image_dir, "bench.img")
     make_image(image)
 
-    workloads = file_workloads() + memory_workloads()
+    workloads = file_workloads() + memory_workloads() + iscsi_workloads()
     if args.only:
         workloads = [w for w in workloads if any(o in w.name for o in args.only)]
-    servers = [s for s in SERVERS if not args.servers or s.name in args.servers]
+    servers = [s for s in SERVERS + ISCSI_SERVERS if not args.servers or s.name in args.servers]
     results = {}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -471,7 +578,10 @@ def main():
                 for s in eligible:  # interleaved: A, B, C, A, B, C, ...
                     cell = results.setdefault((wl.name, s.name), Cell())
                     try:
-                        r = run_once(s, wl, image, tmp, args.runtime, args.ramp)
+                        if isinstance(wl, IscsiWorkload):
+                            r = run_iscsi_once(s, wl, image, tmp, args.runtime)
+                        else:
+                            r = run_once(s, wl, image, tmp, args.runtime, args.ramp)
                     except (RuntimeError, subprocess.CalledProcessError) as e:
                         print(f"  {wl.name:32} {s.name:16} FAILED: {e}", file=sys.stderr)
                         continue
