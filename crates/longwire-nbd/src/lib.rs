@@ -3,6 +3,7 @@
 //! ([`server`]).
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -1,6 +1,12 @@
 //! Volumes built on other volumes (like nbdkit's filters): each layer has one
 //! job and its own file.
 
+mod composite;
+mod concat;
 mod read_only;
+mod stripe;
 
+pub use composite::Piece;
+pub use concat::Concat;
 pub use read_only::ReadOnly;
+pub use stripe::Stripe;
