@@ -1,9 +1,11 @@
 //! What [`Concat`](super::Concat) and [`Stripe`](super::Stripe) share: a
 //! request over the composite becomes [`Piece`]s on the parts, which run
-//! concurrently and are put back together in request order.
+//! concurrently and are put back together in request order. The two differ
+//! only in their [`Layout`]; [`Composite`] is the one Volume over both.
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 
@@ -19,6 +21,106 @@ pub struct Piece {
     pub len: u64,
     /// Where the piece starts relative to the request's offset.
     pub at: u64,
+}
+
+/// Where a composite's bytes live on its parts.
+pub trait Layout: Send + Sync + 'static {
+    /// Size of the composite volume.
+    fn size(&self) -> u64;
+    /// The pieces of `[offset, offset + len)`, in request order.
+    fn map(&self, offset: u64, len: u64) -> Vec<Piece>;
+    /// The pieces for a command without data, where order does not matter
+    /// and fewer, longer pieces are cheaper.
+    fn map_by_part(&self, offset: u64, len: u64) -> Vec<Piece> {
+        self.map(offset, len)
+    }
+    /// The pieces whose extents answer an `extents` call (a prefix is fine).
+    fn map_extents(&self, offset: u64, len: u64) -> Vec<Piece> {
+        self.map(offset, len)
+    }
+}
+
+/// A volume made of parts placed by a [`Layout`]. Capabilities are what
+/// every part can do ([`intersect`]); a flush goes to every part; extents
+/// are stitched across parts.
+pub struct Composite<L> {
+    layout: L,
+    parts: Vec<Arc<dyn Volume>>,
+    caps: Capabilities,
+}
+
+impl<L: Layout> Composite<L> {
+    /// Assemble a composite; the caller has validated `layout` against `parts`.
+    pub(super) fn assemble(layout: L, parts: Vec<Arc<dyn Volume>>, caps: Capabilities) -> Self {
+        Composite { layout, parts, caps }
+    }
+
+    pub fn parts(&self) -> &[Arc<dyn Volume>] {
+        &self.parts
+    }
+
+    pub fn layout(&self) -> &L {
+        &self.layout
+    }
+}
+
+#[async_trait]
+impl<L: Layout> Volume for Composite<L> {
+    fn size(&self) -> u64 {
+        self.layout.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {
+        check(self.size(), &self.caps, "read", offset, len as u64, false)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        read(&self.parts, self.layout.map(offset, len as u64), len).await
+    }
+
+    async fn read_sparse(&self, offset: u64, len: usize) -> VolumeResult<Vec<ReadSegment>> {
+        check(self.size(), &self.caps, "read", offset, len as u64, false)?;
+        read_sparse(&self.parts, self.layout.map(offset, len as u64)).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> VolumeResult<()> {
+        check(self.size(), &self.caps, "write", offset, data.len() as u64, true)?;
+        write(&self.parts, self.layout.map(offset, data.len() as u64), data, fua).await
+    }
+
+    async fn flush(&self) -> VolumeResult<()> {
+        flush(&self.parts).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> VolumeResult<()> {
+        check(self.size(), &self.caps, "trim", offset, len, true)?;
+        trim(&self.parts, self.layout.map_by_part(offset, len), fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> VolumeResult<()> {
+        check(self.size(), &self.caps, "write zeroes", offset, len, true)?;
+        if flags.fast && !self.caps.can_fast_zero {
+            return Err(VolumeError::NotSupported("not every part can zero fast".into()));
+        }
+        write_zeroes(&self.parts, self.layout.map_by_part(offset, len), flags).await
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> VolumeResult<()> {
+        check(self.size(), &self.caps, "cache", offset, len, false)?;
+        cache(&self.parts, self.layout.map_by_part(offset, len)).await
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> VolumeResult<Vec<Extent>> {
+        if len == 0 {
+            return Err(VolumeError::Invalid("extents of an empty range".into()));
+        }
+        check(self.size(), &self.caps, "extents", offset, len, false)?;
+        extents(&self.parts, self.layout.map_extents(offset, len)).await
+    }
 }
 
 /// Most parts' extents queried for one `extents` call (stripes can make a

@@ -6,7 +6,7 @@ mod concat;
 mod read_only;
 mod stripe;
 
-pub use composite::Piece;
-pub use concat::Concat;
+pub use composite::{Composite, Layout, Piece};
+pub use concat::{Concat, ConcatLayout};
 pub use read_only::ReadOnly;
-pub use stripe::Stripe;
+pub use stripe::{Stripe, StripeLayout};

@@ -1,10 +1,7 @@
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-
-use super::composite::{self, Piece};
-use crate::{Capabilities, Extent, ReadSegment, Volume, VolumeError, VolumeResult, ZeroFlags};
+use super::composite::{self, Composite, Layout, Piece};
+use crate::{Volume, VolumeError};
 
 /// RAID 0 over equal-sized parts (ENBD's striped aggregation): stripe `k`
 /// of the volume is stripe `k / n` of part `k % n`. A request is split at
@@ -13,11 +10,13 @@ use crate::{Capabilities, Extent, ReadSegment, Volume, VolumeError, VolumeResult
 ///
 /// Capabilities are what every part can do; a flush goes to every part;
 /// extents are stitched stripe by stripe.
-pub struct Stripe {
-    parts: Vec<Arc<dyn Volume>>,
+pub type Stripe = Composite<StripeLayout>;
+
+/// How a [`Stripe`] spreads stripes over its parts.
+pub struct StripeLayout {
+    parts: u64,
     stripe: u64,
     part_size: u64,
-    caps: Capabilities,
 }
 
 impl Stripe {
@@ -51,25 +50,19 @@ impl Stripe {
         if part_size.checked_mul(parts.len() as u64).is_none() {
             return Err(VolumeError::Invalid("the parts together are larger than 2^64 bytes".into()));
         }
-        Ok(Stripe { parts, stripe: stripe_size, part_size, caps })
+        let layout = StripeLayout { parts: parts.len() as u64, stripe: stripe_size, part_size };
+        Ok(Composite::assemble(layout, parts, caps))
     }
+}
 
-    pub fn parts(&self) -> &[Arc<dyn Volume>] {
-        &self.parts
-    }
-
+impl StripeLayout {
     pub fn stripe_size(&self) -> u64 {
         self.stripe
     }
 
-    /// The pieces of `[offset, offset + len)`, one per stripe touched, in order.
-    pub fn map(&self, offset: u64, len: u64) -> Vec<Piece> {
-        self.map_limited(offset, len, usize::MAX)
-    }
-
-    /// Like [`Stripe::map`], but at most `limit` pieces (the first ones).
+    /// Like [`Layout::map`], but at most `limit` pieces (the first ones).
     fn map_limited(&self, offset: u64, len: u64, limit: usize) -> Vec<Piece> {
-        let n = self.parts.len() as u64;
+        let n = self.parts;
         let end = offset + len;
         let mut pieces = Vec::with_capacity(((len / self.stripe + 2) as usize).min(limit));
         let mut pos = offset;
@@ -88,15 +81,32 @@ impl Stripe {
         pieces
     }
 
+}
+
+impl Layout for StripeLayout {
+    fn size(&self) -> u64 {
+        self.part_size * self.parts
+    }
+
+    /// The pieces of `[offset, offset + len)`, one per stripe touched, in order.
+    fn map(&self, offset: u64, len: u64) -> Vec<Piece> {
+        self.map_limited(offset, len, usize::MAX)
+    }
+
+    /// Extents look at a bounded prefix: a long range is many stripes.
+    fn map_extents(&self, offset: u64, len: u64) -> Vec<Piece> {
+        self.map_limited(offset, len, composite::MAX_EXTENT_PIECES)
+    }
+
     /// The share of `[offset, offset + len)` on each part, for commands
     /// without data: the stripes a range touches on one part are
     /// consecutive rows, so each part gets one contiguous range (at most
     /// one piece per part, however long the range).
-    pub fn map_by_part(&self, offset: u64, len: u64) -> Vec<Piece> {
+    fn map_by_part(&self, offset: u64, len: u64) -> Vec<Piece> {
         if len == 0 {
             return Vec::new();
         }
-        let n = self.parts.len() as u64;
+        let n = self.parts;
         let s = self.stripe;
         let end = offset + len;
         let (k0, k1) = (offset / s, (end - 1) / s);
@@ -118,70 +128,13 @@ impl Stripe {
     }
 }
 
-#[async_trait]
-impl Volume for Stripe {
-    fn size(&self) -> u64 {
-        self.part_size * self.parts.len() as u64
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.caps
-    }
-
-    async fn read(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {
-        composite::check(self.size(), &self.caps, "read", offset, len as u64, false)?;
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        composite::read(&self.parts, self.map(offset, len as u64), len).await
-    }
-
-    async fn read_sparse(&self, offset: u64, len: usize) -> VolumeResult<Vec<ReadSegment>> {
-        composite::check(self.size(), &self.caps, "read", offset, len as u64, false)?;
-        composite::read_sparse(&self.parts, self.map(offset, len as u64)).await
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> VolumeResult<()> {
-        composite::check(self.size(), &self.caps, "write", offset, data.len() as u64, true)?;
-        composite::write(&self.parts, self.map(offset, data.len() as u64), data, fua).await
-    }
-
-    async fn flush(&self) -> VolumeResult<()> {
-        composite::flush(&self.parts).await
-    }
-
-    async fn trim(&self, offset: u64, len: u64, fua: bool) -> VolumeResult<()> {
-        composite::check(self.size(), &self.caps, "trim", offset, len, true)?;
-        composite::trim(&self.parts, self.map_by_part(offset, len), fua).await
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> VolumeResult<()> {
-        composite::check(self.size(), &self.caps, "write zeroes", offset, len, true)?;
-        if flags.fast && !self.caps.can_fast_zero {
-            return Err(VolumeError::NotSupported("not every part can zero fast".into()));
-        }
-        composite::write_zeroes(&self.parts, self.map_by_part(offset, len), flags).await
-    }
-
-    async fn cache(&self, offset: u64, len: u64) -> VolumeResult<()> {
-        composite::check(self.size(), &self.caps, "cache", offset, len, false)?;
-        composite::cache(&self.parts, self.map_by_part(offset, len)).await
-    }
-
-    async fn extents(&self, offset: u64, len: u64) -> VolumeResult<Vec<Extent>> {
-        if len == 0 {
-            return Err(VolumeError::Invalid("extents of an empty range".into()));
-        }
-        composite::check(self.size(), &self.caps, "extents", offset, len, false)?;
-        composite::extents(&self.parts, self.map_limited(offset, len, composite::MAX_EXTENT_PIECES)).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::composite::{coalesce, Piece};
     use super::*;
-    use crate::{Extent, ExtentKind};
+    use crate::{Capabilities, Extent, ExtentKind, VolumeResult};
+    use async_trait::async_trait;
+    use bytes::Bytes;
 
     /// Just a size, for mapping tests.
     struct Sized(u64);
@@ -220,9 +173,9 @@ mod tests {
                         continue;
                     }
                     let want: Vec<(usize, u64, u64)> =
-                        coalesce(st.map(offset, len)).iter().map(|p| (p.part, p.part_offset, p.len)).collect();
+                        coalesce(st.layout().map(offset, len)).iter().map(|p| (p.part, p.part_offset, p.len)).collect();
                     let mut got: Vec<(usize, u64, u64)> =
-                        st.map_by_part(offset, len).iter().map(|p| (p.part, p.part_offset, p.len)).collect();
+                        st.layout().map_by_part(offset, len).iter().map(|p| (p.part, p.part_offset, p.len)).collect();
                     got.sort();
                     assert_eq!(got, want, "n={n} offset={offset} len={len}");
                 }
@@ -235,7 +188,7 @@ mod tests {
     async fn huge_ranges_stay_cheap() {
         let parts: Vec<Arc<dyn Volume>> = (0..3).map(|_| Arc::new(Sized(1 << 40)) as Arc<dyn Volume>).collect();
         let st = Stripe::new(parts, 4096).unwrap();
-        assert_eq!(st.map_by_part(100 * 4096, st.size() - 100 * 4096).len(), 3);
+        assert_eq!(st.layout().map_by_part(100 * 4096, st.size() - 100 * 4096).len(), 3);
         let ext = st.extents(0, st.size()).await.unwrap();
         assert_eq!(ext, vec![Extent::new(composite::MAX_EXTENT_PIECES as u64 * 4096, ExtentKind::Data)]);
     }
