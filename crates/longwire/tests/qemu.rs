@@ -8,7 +8,6 @@ mod common;
 use common::json::Json;
 use common::*;
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
 
 fn server() -> Server {
     Server::start(&[
@@ -157,35 +156,6 @@ fn qemu_img_map_reports_exact_allocation() {
         vec![(MIB, MIB), (8 * MIB, 64 * KIB), (63 * MIB, MIB)],
         "data extents seen by qemu-img map:\n{out}"
     );
-}
-
-/// Build a 64 MiB raw image with patterns, random data and holes.
-fn make_source_image(s: &Server, path: &std::path::Path) {
-    s.run(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", path.to_str().unwrap(), "64M"],
-    );
-    let p = path.to_str().unwrap();
-    s.run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x11 0 4M",
-            "-c",
-            "write -P 0x22 20M 3M",
-            "-c",
-            "write -P 0x33 63M 1M",
-            "-c",
-            "write -P 0x44 40M 1",
-            p,
-        ],
-    );
-    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.seek(SeekFrom::Start(30 * MIB + 123)).unwrap();
-    f.write_all(&pattern(99, 5 * MIB as usize)).unwrap();
-    f.sync_all().unwrap();
 }
 
 #[test]

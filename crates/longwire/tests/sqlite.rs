@@ -10,7 +10,6 @@ use common::fuse::ext4_round_trip;
 use common::json::Json;
 use common::*;
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
 /// A server with two sqlite volumes in one database, plus an in-memory
@@ -164,35 +163,6 @@ fn nbdsh_round_trip() {
          print('size', h.get_size(), 'preferred', h.get_block_size(nbd.SIZE_PREFERRED))",
     );
     assert!(out.contains("size 67108864 preferred 65536"), "{out}");
-}
-
-/// Build a 64 MiB raw image with patterns, random data and holes.
-fn make_source_image(s: &Server, path: &std::path::Path) {
-    s.run(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", path.to_str().unwrap(), "64M"],
-    );
-    let p = path.to_str().unwrap();
-    s.run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x11 0 4M",
-            "-c",
-            "write -P 0x22 20M 3M",
-            "-c",
-            "write -P 0x33 63M 1M",
-            "-c",
-            "write -P 0x44 40M 1",
-            p,
-        ],
-    );
-    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.seek(SeekFrom::Start(30 * MIB + 123)).unwrap();
-    f.write_all(&pattern(99, 5 * MIB as usize)).unwrap();
-    f.sync_all().unwrap();
 }
 
 #[test]

@@ -1241,3 +1241,32 @@ def run_aio(h):
 
 print("libnbd", nbd.NBD().get_version(), file=sys.stderr)
 "#;
+
+/// Build a 64 MiB raw image with patterns, random data and holes.
+pub fn make_source_image(s: &Server, path: &std::path::Path) {
+    s.run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", path.to_str().unwrap(), "64M"],
+    );
+    let p = path.to_str().unwrap();
+    s.run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 4M",
+            "-c",
+            "write -P 0x22 20M 3M",
+            "-c",
+            "write -P 0x33 63M 1M",
+            "-c",
+            "write -P 0x44 40M 1",
+            p,
+        ],
+    );
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(30 * MIB + 123)).unwrap();
+    std::io::Write::write_all(&mut f, &pattern(99, 5 * MIB as usize)).unwrap();
+    f.sync_all().unwrap();
+}
