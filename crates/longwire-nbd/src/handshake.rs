@@ -5,10 +5,14 @@
 //! lands in the output buffer, and acts on the returned [`Step`]. Nothing
 //! here touches a socket, so every option path is unit-testable and fuzzable.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, BytesMut};
 use longwire_core::{Capabilities, Export, ExportRegistry};
 
 use crate::proto::*;
+use crate::tls::{TlsMode, TlsPolicy};
+use tracing::info;
 
 /// Largest option payload we accept. Real options are a few KiB at most
 /// (names and context queries are capped at 4 KiB each); anything bigger is
@@ -72,6 +76,10 @@ pub enum Step {
     Close,
     /// Write the output, then enter the transmission phase.
     Transmit(Box<Negotiated>),
+    /// Write the output (the STARTTLS acknowledgement), run the TLS
+    /// handshake on the connection, report it with
+    /// [`Handshake::tls_established`], and read the next option over TLS.
+    StartTls,
 }
 
 /// Transmission flags for a volume, given what the client negotiated.
@@ -108,11 +116,41 @@ pub struct Handshake {
     meta: Option<(String, bool)>,
     /// Set by the driver when the server is shutting down.
     pub shutting_down: bool,
+    /// TLS mode and export allow-lists.
+    tls: Arc<TlsPolicy>,
+    /// STARTTLS was accepted: everything from here on is over TLS.
+    tls_active: bool,
+    /// Common Name of the verified client certificate, if any.
+    peer_cn: Option<String>,
 }
 
 impl Handshake {
+    /// A handshake for a server without TLS.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A handshake applying a TLS policy.
+    pub fn with_tls(policy: Arc<TlsPolicy>) -> Self {
+        Handshake { tls: policy, ..Self::default() }
+    }
+
+    /// The driver finished the TLS handshake after [`Step::StartTls`];
+    /// `peer_cn` is the subject Common Name of the client certificate the
+    /// TLS layer verified (None: no certificate).
+    pub fn tls_established(&mut self, peer_cn: Option<String>) {
+        self.tls_active = true;
+        self.peer_cn = peer_cn;
+    }
+
+    /// TLS is up on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// May this client see `export` (TLS allow-lists)?
+    fn access(&self, export: &str) -> Result<(), (u32, String)> {
+        self.tls.check_export(export, self.tls_active, self.peer_cn.as_deref())
     }
 
     /// Accept the client's 32-bit flags; unknown flags end the session.
@@ -133,6 +171,14 @@ impl Handshake {
             reply_err(out, opt, REP_ERR_SHUTDOWN, "server is shutting down");
             return Step::Continue;
         }
+        if self.tls.mode == TlsMode::Required && !self.tls_active && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            // Nothing, not even the export list, before TLS.
+            if opt == OPT_EXPORT_NAME {
+                return Step::Close;
+            }
+            reply_err(out, opt, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+            return Step::Continue;
+        }
         match opt {
             OPT_EXPORT_NAME => self.export_name(data, registry, out),
             OPT_ABORT => {
@@ -144,7 +190,7 @@ impl Handshake {
                     reply_err(out, opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                     return Step::Continue;
                 }
-                for e in registry.iter() {
+                for e in registry.iter().filter(|e| self.access(&e.name).is_ok()) {
                     let mut d = BytesMut::with_capacity(4 + e.name.len() + e.description.len());
                     d.put_u32(e.name.len() as u32);
                     d.put_slice(e.name.as_bytes());
@@ -154,10 +200,7 @@ impl Handshake {
                 reply(out, opt, REP_ACK, &[]);
                 Step::Continue
             }
-            OPT_STARTTLS => {
-                reply_err(out, opt, REP_ERR_POLICY, "TLS is not enabled on this server");
-                Step::Continue
-            }
+            OPT_STARTTLS => self.starttls(data, out),
             OPT_INFO | OPT_GO => self.info_or_go(opt, data, registry, out),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -191,6 +234,26 @@ impl Handshake {
         }
     }
 
+    fn starttls(&mut self, data: &[u8], out: &mut BytesMut) -> Step {
+        let opt = OPT_STARTTLS;
+        if self.tls.mode == TlsMode::Off {
+            reply_err(out, opt, REP_ERR_POLICY, "TLS is not enabled on this server");
+        } else if !data.is_empty() {
+            reply_err(out, opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        } else if self.tls_active {
+            reply_err(out, opt, REP_ERR_INVALID, "TLS is already active");
+        } else {
+            reply(out, opt, REP_ACK, &[]);
+            // What was agreed in plaintext does not carry over into TLS.
+            self.structured = false;
+            self.extended = false;
+            self.meta = None;
+            self.tls_active = true;
+            return Step::StartTls;
+        }
+        Step::Continue
+    }
+
     fn export_name(&mut self, data: &[u8], registry: &ExportRegistry, out: &mut BytesMut) -> Step {
         if self.extended {
             // A client that negotiated extended headers MUST use GO.
@@ -200,6 +263,11 @@ impl Handshake {
         let Some(export) = registry.get(name) else {
             return Step::Close;
         };
+        // Check the export the name resolved to (an empty name picks the default).
+        if let Err((_, msg)) = self.access(&export.name) {
+            info!("refused: {msg}");
+            return Step::Close;
+        }
         let negotiated = self.negotiated(export, name);
         out.put_u64(export.volume.size());
         out.put_u16(negotiated.flags);
@@ -244,6 +312,11 @@ impl Handshake {
             reply_err(out, opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}; NBD_OPT_LIST shows the exports"));
             return Step::Continue;
         };
+        if let Err((typ, msg)) = self.access(&export.name) {
+            info!("refused: {msg}");
+            reply_err(out, opt, typ, &msg);
+            return Step::Continue;
+        }
         let negotiated = self.negotiated(export, name);
         let caps = export.volume.capabilities();
 
@@ -308,8 +381,12 @@ impl Handshake {
             reply_err(out, opt, REP_ERR_INVALID, "malformed metadata context request");
             return;
         };
-        if registry.get(name).is_none() {
+        let Some(export) = registry.get(name) else {
             reply_err(out, opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"));
+            return;
+        };
+        if let Err((typ, msg)) = self.access(&export.name) {
+            reply_err(out, opt, typ, &msg);
             return;
         }
         let matches = |q: &str| if set { q == BASE_ALLOCATION } else { q == BASE_ALLOCATION || q == "base:" };

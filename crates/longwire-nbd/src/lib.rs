@@ -7,6 +7,8 @@ pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 
 pub use server::{NbdServer, ServerConfig};
+pub use tls::{NbdTls, TlsMode, TlsPolicy};

@@ -2,6 +2,12 @@
 //! handshake through the sans-IO [`Handshake`], then pipelines requests
 //! against the export's volume and sends replies as they complete.
 //!
+//! TLS: when the handshake answers STARTTLS ([`Step::StartTls`]), the
+//! driver runs the TLS handshake on the same stream (tokio-rustls) and
+//! carries on haggling over TLS. A plain connection is split into owned
+//! halves for transmission ([`Connection::split_owned`], no locking for
+//! TCP and unix sockets); a TLS one with `tokio::io::split`.
+//!
 //! Shape of a session in transmission: one task per connection, so a
 //! request served from memory or the page cache never wakes another thread.
 //! - Socket bytes accumulate in a buffer; the sans-IO [`RequestDecoder`]
@@ -26,10 +32,11 @@ use longwire_core::{ExportRegistry, ExtentKind, ReadSegment, Volume, VolumeError
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::handshake::{self, Handshake, Negotiated, Step};
 use crate::proto::*;
+use crate::tls::{subject_common_name, NbdTls};
 use crate::transmission::*;
 
 /// Tunables of the NBD front-end.
@@ -41,6 +48,8 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// After shutdown starts, how long an idle client gets to disconnect.
     pub shutdown_grace: Duration,
+    /// TLS (STARTTLS) settings; None: TLS is off.
+    pub tls: Option<NbdTls>,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +58,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_in_flight: 128,
             shutdown_grace: Duration::from_millis(500),
+            tls: None,
         }
     }
 }
@@ -67,17 +77,14 @@ impl NbdServer {
 
     /// Run one client connection to completion. Never panics on bad input:
     /// protocol violations end the session, I/O errors are logged.
-    pub async fn serve_connection<R, W>(self: Arc<Self>, rd: R, wr: W, peer: String)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
-        let mut rd = BufReader::with_capacity(256 * 1024, rd);
-        let mut wr = wr;
-        let negotiated = tokio::select! {
-            r = tokio::time::timeout(self.config.handshake_timeout, self.handshake(&mut rd, &mut wr)) => match r {
-                Ok(Ok(Some(n))) => n,
-                Ok(Ok(None)) => return,
+    pub async fn serve_connection<S: Connection>(self: Arc<Self>, stream: S, peer: String) {
+        let negotiation = tokio::select! {
+            r = tokio::time::timeout(
+                self.config.handshake_timeout,
+                // The span names the peer in what the handshake logs (refusals).
+                self.negotiate(stream, &peer).instrument(tracing::info_span!("nbd", %peer)),
+            ) => match r {
+                Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
                     debug!(%peer, "handshake ended: {e}");
                     return;
@@ -89,24 +96,82 @@ impl NbdServer {
             },
             _ = self.shutdown.cancelled() => return,
         };
-        let export = negotiated.export.name.clone();
-        info!(%peer, %export, structured = negotiated.structured, extended = negotiated.extended, "client connected");
-        match self.transmission(rd, wr, *negotiated, &peer).await {
+        let (export, result) = match negotiation {
+            Negotiation::Refused => return,
+            Negotiation::Plain(rd, n) => {
+                let export = n.export.name.clone();
+                info!(%peer, %export, structured = n.structured, extended = n.extended, tls = false, "client connected");
+                let leftover = BytesMut::from(rd.buffer());
+                let (r, w) = rd.into_inner().split_owned();
+                (export, self.transmission(r, leftover, w, *n, &peer).await)
+            }
+            Negotiation::Tls(rd, n, cn) => {
+                let export = n.export.name.clone();
+                let client = cn.as_deref().unwrap_or("-");
+                info!(%peer, %export, structured = n.structured, extended = n.extended, tls = true, %client, "client connected");
+                let leftover = BytesMut::from(rd.buffer());
+                let (r, w) = tokio::io::split((*rd).into_inner());
+                (export, self.transmission(r, leftover, w, *n, &peer).await)
+            }
+        };
+        match result {
             Ok(()) => info!(%peer, %export, "client disconnected"),
             Err(e) => info!(%peer, %export, "connection ended: {e}"),
         }
     }
 
-    /// Option haggling. `Ok(None)` means the client left or was refused.
-    async fn handshake<R, W>(&self, rd: &mut R, wr: &mut W) -> io::Result<Option<Box<Negotiated>>>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        wr.write_all(&handshake::greeting()).await?;
-        let mut hs = Handshake::new();
+    /// The whole handshake: greeting, options, and the TLS upgrade when the
+    /// client asks for it.
+    async fn negotiate<S: Connection>(&self, stream: S, peer: &str) -> io::Result<Negotiation<S>> {
+        let mut hs = match &self.config.tls {
+            Some(tls) => Handshake::with_tls(tls.policy.clone()),
+            None => Handshake::new(),
+        };
+        let mut rd = BufReader::with_capacity(256 * 1024, stream);
+        rd.write_all(&handshake::greeting()).await?;
         let flags = rd.read_u32().await?;
         hs.client_flags(flags).map_err(invalid)?;
+        match self.options(&mut rd, &mut hs).await? {
+            Some(OptionsEnd::Transmit(n)) => return Ok(Negotiation::Plain(rd, n)),
+            None => return Ok(Negotiation::Refused),
+            Some(OptionsEnd::StartTls) => {}
+        }
+        let Some(tls) = &self.config.tls else {
+            return Err(invalid("STARTTLS accepted without TLS configured"));
+        };
+        if !rd.buffer().is_empty() {
+            return Err(invalid("client sent data before the STARTTLS reply"));
+        }
+        let stream = match tls.acceptor.accept(rd.into_inner()).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Worth more than debug: a bad or missing client certificate ends here.
+                info!(%peer, "TLS handshake failed: {e}");
+                return Ok(Negotiation::Refused);
+            }
+        };
+        let cn = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| subject_common_name(c));
+        debug!(%peer, client = cn.as_deref().unwrap_or("-"), "TLS established");
+        hs.tls_established(cn.clone());
+        let mut rd = BufReader::with_capacity(256 * 1024, stream);
+        match self.options(&mut rd, &mut hs).await? {
+            Some(OptionsEnd::Transmit(n)) => Ok(Negotiation::Tls(Box::new(rd), n, cn)),
+            None => Ok(Negotiation::Refused),
+            Some(OptionsEnd::StartTls) => Err(invalid("second STARTTLS accepted")),
+        }
+    }
+
+    /// Option haggling until the client starts transmission, asks for TLS,
+    /// or leaves (`Ok(None)`: the client left or was refused).
+    async fn options<S>(&self, rd: &mut BufReader<S>, hs: &mut Handshake) -> io::Result<Option<OptionsEnd>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut out = BytesMut::new();
         loop {
             let mut header = [0u8; 16];
@@ -116,18 +181,20 @@ impl NbdServer {
             rd.read_exact(&mut data).await?;
             hs.shutting_down = self.shutdown.is_cancelled();
             let step = hs.handle_option(opt, &data, &self.registry, &mut out);
-            wr.write_all(&out).await?;
-            wr.flush().await?;
+            rd.write_all(&out).await?;
+            rd.flush().await?;
             out.clear();
             match step {
                 Step::Continue => {}
                 Step::Close => return Ok(None),
-                Step::Transmit(n) => return Ok(Some(n)),
+                Step::Transmit(n) => return Ok(Some(OptionsEnd::Transmit(n))),
+                Step::StartTls => return Ok(Some(OptionsEnd::StartTls)),
             }
         }
     }
 
-    async fn transmission<R, W>(&self, rd: BufReader<R>, mut wr: W, n: Negotiated, peer: &str) -> io::Result<()>
+    /// `rbuf` holds request bytes the handshake already read.
+    async fn transmission<R, W>(&self, mut rd: R, mut rbuf: BytesMut, mut wr: W, n: Negotiated, peer: &str) -> io::Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -147,16 +214,15 @@ impl NbdServer {
         let max_in_flight = self.config.max_in_flight.max(1);
         let shutdown_refusal = Rejection { errno: ESHUTDOWN, message: "server is shutting down".into() };
 
-        // Bytes the handshake reader already pulled in belong to the requests.
-        let mut rbuf = BytesMut::with_capacity(READ_BUF);
-        rbuf.extend_from_slice(rd.buffer());
-        let mut rd = rd.into_inner();
+        rbuf.reserve(READ_BUF);
         let mut decoder = RequestDecoder::new(n.extended);
         let mut inflight = FuturesUnordered::new();
         let mut inflight_bytes = 0u64;
         let mut out = ReplyQueue::default();
         let mut reading = true;
         let mut shutting_down = false;
+        // Written bytes may sit in a buffering writer (TLS) until flushed.
+        let mut unflushed = false;
 
         loop {
             // Start every request already buffered, within the bounds.
@@ -208,11 +274,11 @@ impl NbdServer {
                     }
                 }
             }
-            if !reading && inflight.is_empty() && out.is_empty() {
+            if !reading && inflight.is_empty() && out.is_empty() && !unflushed {
                 break;
             }
             let can_read = reading && has_room(inflight.len(), inflight_bytes, &out);
-            let idle = inflight.is_empty() && out.is_empty() && decoder.is_idle(rbuf.len());
+            let idle = inflight.is_empty() && out.is_empty() && !unflushed && decoder.is_idle(rbuf.len());
             if can_read {
                 rbuf.reserve(decoder.wanted(rbuf.len()).clamp(READ_BUF / 4, READ_BUF));
             }
@@ -221,7 +287,14 @@ impl NbdServer {
                     inflight_bytes -= cost;
                     out.extend(reply);
                 }
-                r = write_some(&mut wr, &out), if !out.is_empty() => out.advance(r?),
+                r = write_some(&mut wr, &out), if !out.is_empty() || unflushed => match r? {
+                    // Flush once the queue is drained (a no-op on plain sockets).
+                    0 => unflushed = false,
+                    n => {
+                        out.advance(n);
+                        unflushed = true;
+                    }
+                },
                 r = rd.read_buf(&mut rbuf), if can_read => {
                     if r? == 0 {
                         reading = false;
@@ -231,7 +304,10 @@ impl NbdServer {
                     }
                 }
                 _ = self.shutdown.cancelled(), if !shutting_down => shutting_down = true,
-                _ = tokio::time::sleep(self.config.shutdown_grace), if shutting_down && idle => {
+                // An async block, so the timer (and its clock read) is only
+                // made when the branch is enabled: select! builds every
+                // branch's future on each pass, enabled or not.
+                _ = async { tokio::time::sleep(self.config.shutdown_grace).await }, if shutting_down && idle => {
                     debug!(%peer, "closing idle connection for shutdown");
                     break;
                 }
@@ -301,8 +377,13 @@ impl ReplyQueue {
     }
 }
 
-/// One vectored write of as much of the queue as the socket takes.
+/// One vectored write of as much of the queue as the socket takes, or,
+/// with the queue empty, a flush (returning 0).
 async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &ReplyQueue) -> io::Result<usize> {
+    if out.is_empty() {
+        wr.flush().await?;
+        return Ok(0);
+    }
     let slices: Vec<IoSlice<'_>> = out.pieces.iter().take(64).map(|b| IoSlice::new(b)).collect();
     let n = wr.write_vectored(&slices).await?;
     if n == 0 {
@@ -517,4 +598,51 @@ impl RequestContext {
 
 fn invalid<E: std::fmt::Display>(e: E) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// How the handshake ended.
+enum Negotiation<S> {
+    /// The client left or was refused.
+    Refused,
+    /// Transmission over the plain connection.
+    Plain(BufReader<S>, Box<Negotiated>),
+    /// Transmission over TLS; the client certificate's Common Name.
+    Tls(Box<BufReader<tokio_rustls::server::TlsStream<S>>>, Box<Negotiated>, Option<String>),
+}
+
+enum OptionsEnd {
+    Transmit(Box<Negotiated>),
+    StartTls,
+}
+
+/// A client connection: one stream for the handshake (and the TLS upgrade),
+/// split into halves that can be used independently for transmission.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn split_owned(self) -> (Self::Read, Self::Write);
+}
+
+impl Connection for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split_owned(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Connection for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn split_owned(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Connection for tokio::io::DuplexStream {
+    type Read = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+    type Write = tokio::io::WriteHalf<tokio::io::DuplexStream>;
+    fn split_owned(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
 }

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::cli::ServeArgs;
+use longwire_nbd::TlsMode;
 
 /// Everything `serve` needs, whether it came from flags or a file.
 #[derive(Debug, Default, Deserialize)]
@@ -25,6 +26,17 @@ pub struct Config {
     /// TCP addresses to listen on for iSCSI.
     #[serde(default)]
     pub iscsi: Vec<String>,
+    /// NBD TLS mode: "off", "optional" or "required".
+    pub tls: Option<String>,
+    /// Server certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA for client certificates (PEM); set: clients must present one.
+    pub tls_ca: Option<PathBuf>,
+    /// The TLS mode in effect, from `tls`/`--tls` or the default.
+    #[serde(skip)]
+    pub tls_mode: TlsMode,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportConfig>,
     /// `[[iscsi_target]]` tables: targets grouping exports as LUNs, with
@@ -74,6 +86,10 @@ pub struct ExportConfig {
     pub description: Option<String>,
     #[serde(default)]
     pub readonly: bool,
+    /// NBD TLS: only clients whose certificate subject has one of these
+    /// Common Names (`"CN=name"`) may use this export.
+    #[serde(default)]
+    pub tls_allow: Vec<String>,
 }
 
 /// Default listen address when nothing else is said.
@@ -134,7 +150,53 @@ impl Config {
         if cfg.io_threads == Some(0) {
             bail!("io_threads must be at least 1");
         }
+        cfg.resolve_tls(args)?;
         Ok(cfg)
+    }
+
+    /// Apply the TLS flags and check the TLS settings hang together.
+    fn resolve_tls(&mut self, args: &ServeArgs) -> anyhow::Result<()> {
+        for (flag, val) in [(&args.tls_cert, &mut self.tls_cert), (&args.tls_key, &mut self.tls_key), (&args.tls_ca, &mut self.tls_ca)] {
+            if flag.is_some() {
+                *val = flag.clone();
+            }
+        }
+        let file_mode = match &self.tls {
+            Some(m) => Some(m.parse::<TlsMode>().map_err(|e| anyhow::anyhow!("config: tls: {e}"))?),
+            None => None,
+        };
+        self.tls_mode = match args.tls.or(file_mode) {
+            Some(m) => m,
+            None if self.tls_cert.is_some() => TlsMode::Required,
+            None => TlsMode::Off,
+        };
+        if self.tls_mode != TlsMode::Off {
+            if self.tls_cert.is_none() || self.tls_key.is_none() {
+                bail!(
+                    "TLS mode {} needs a server certificate and key: --tls-cert FILE --tls-key FILE (tls_cert, tls_key in the config file)",
+                    self.tls_mode
+                );
+            }
+        } else if self.tls_ca.is_some() && args.tls.is_none() && file_mode.is_none() {
+            bail!("--tls-ca (tls_ca) needs TLS: give --tls-cert and --tls-key too");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key (tls_cert, tls_key) go together");
+        }
+        for e in &self.exports {
+            if e.tls_allow.is_empty() {
+                continue;
+            }
+            if self.tls_mode == TlsMode::Off || self.tls_ca.is_none() {
+                bail!("export {:?} has tls_allow, which needs TLS on with client certificates (tls_ca)", e.name);
+            }
+            for a in &e.tls_allow {
+                if a.strip_prefix("CN=").is_none_or(|cn| cn.is_empty()) {
+                    bail!("export {:?}: tls_allow entry {a:?} must look like \"CN=client-name\"", e.name);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn load(path: &Path) -> anyhow::Result<Config> {
@@ -150,6 +212,7 @@ pub fn default_export() -> ExportConfig {
         uri: "file:longwire-data/default.img?size=1G".into(),
         description: Some("longwire default volume (1 GiB, sparse file in ./longwire-data)".into()),
         readonly: false,
+        tls_allow: vec![],
     }
 }
 
@@ -161,7 +224,7 @@ fn parse_export_flag(spec: &str) -> anyhow::Result<ExportConfig> {
     if name.is_empty() || uri.is_empty() {
         bail!("--export {spec:?} must look like NAME=URI, e.g. disk=file:disk.img?size=10G");
     }
-    Ok(ExportConfig { name: name.into(), uri: uri.into(), description: None, readonly: false })
+    Ok(ExportConfig { name: name.into(), uri: uri.into(), description: None, readonly: false, tls_allow: vec![] })
 }
 
 #[cfg(test)]
@@ -179,6 +242,10 @@ mod tests {
             io_threads: None,
             iscsi: vec![],
             no_iscsi: false,
+            tls: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 
@@ -250,6 +317,51 @@ allow_initiators = ["iqn.1994-05.com.redhat:client"]
         assert_eq!(t.allow_initiators, vec!["iqn.1994-05.com.redhat:client"]);
         std::fs::write(&path, "[[iscsi_target]]\nname = \"x\"\nluns = []\nchap = 1\n").unwrap();
         assert!(Config::from_args(&a).is_err(), "unknown keys in iscsi_target are errors");
+    }
+
+    #[test]
+    fn tls_settings_resolve_and_reject_contradictions() {
+        // No certificate: off.
+        assert_eq!(Config::from_args(&args(&[])).unwrap().tls_mode, TlsMode::Off);
+        // A certificate alone means required.
+        let mut a = args(&[]);
+        a.tls_cert = Some("c.pem".into());
+        a.tls_key = Some("k.pem".into());
+        assert_eq!(Config::from_args(&a).unwrap().tls_mode, TlsMode::Required);
+        a.tls = Some(TlsMode::Optional);
+        assert_eq!(Config::from_args(&a).unwrap().tls_mode, TlsMode::Optional);
+        // A mode without a certificate, a certificate without a key, a CA alone.
+        let mut a = args(&[]);
+        a.tls = Some(TlsMode::Required);
+        assert!(format!("{:#}", Config::from_args(&a).unwrap_err()).contains("--tls-cert"));
+        let mut a = args(&[]);
+        a.tls_cert = Some("c.pem".into());
+        assert!(Config::from_args(&a).is_err());
+        let mut a = args(&[]);
+        a.tls_ca = Some("ca.pem".into());
+        assert!(Config::from_args(&a).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let file = |body: &str| {
+            std::fs::write(&path, body).unwrap();
+            let mut a = args(&[]);
+            a.config = Some(path.clone());
+            Config::from_args(&a)
+        };
+        let cfg = file(
+            "tls = \"optional\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_ca = \"ca.pem\"\n\
+             [[export]]\nname = \"a\"\nuri = \"memory:?size=1M\"\ntls_allow = [\"CN=client1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.tls_mode, TlsMode::Optional);
+        assert_eq!(cfg.tls_ca.as_deref(), Some(Path::new("ca.pem")));
+        assert_eq!(cfg.exports[0].tls_allow, vec!["CN=client1"]);
+        assert!(file("tls = \"on\"\n").is_err(), "unknown mode");
+        let no_ca = "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n[[export]]\nname = \"a\"\nuri = \"memory:\"\ntls_allow = [\"CN=x\"]\n";
+        assert!(format!("{:#}", file(no_ca).unwrap_err()).contains("tls_ca"));
+        let bad_entry = "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_ca = \"ca.pem\"\n[[export]]\nname = \"a\"\nuri = \"memory:\"\ntls_allow = [\"client1\"]\n";
+        assert!(format!("{:#}", file(bad_entry).unwrap_err()).contains("CN=client-name"));
     }
 
     #[test]

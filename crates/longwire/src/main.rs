@@ -3,10 +3,13 @@
 //! This binary only wires things together: the CLI and config file
 //! ([`cli`], [`config`]) describe exports and listeners, [`iscsi`] decides
 //! the iSCSI targets, [`serve`] opens the stores, fills the export registry
-//! and runs the front-ends.
+//! and runs the front-ends. [`attach`] (a remote export as a FUSE file)
+//! and [`copy`] (volume to volume) are the client-side commands.
 
+mod attach;
 mod cli;
 mod config;
+mod copy;
 mod iscsi;
 mod serve;
 
@@ -23,6 +26,9 @@ fn main() -> std::process::ExitCode {
                 Err(e) => Err(e.into()),
             }
         }
+        cli::Command::Attach(args) => attach::run(args),
+        cli::Command::Detach(args) => attach::detach(args),
+        cli::Command::Copy(args) => copy::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

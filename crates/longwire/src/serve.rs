@@ -14,7 +14,7 @@ use anyhow::{anyhow, Context};
 use longwire_core::{layers::ReadOnly, Export, ExportRegistry, Volume};
 use longwire_iscsi::backend::{build_target, LunVolume};
 use longwire_iscsi::{IscsiConfig, IscsiServer};
-use longwire_nbd::{NbdServer, ServerConfig};
+use longwire_nbd::{NbdServer, NbdTls, ServerConfig, TlsMode, TlsPolicy};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(n) = cfg.io_threads {
         longwire_store::set_io_threads(n);
     }
+    // Certificates before stores too: a bad path should not leave images behind.
+    let tls = load_tls(&cfg)?;
     let registry = Arc::new(build_registry(&cfg.exports)?);
 
     let mut server_cfg = ServerConfig::default();
@@ -49,21 +51,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(n) = cfg.max_in_flight {
         server_cfg.max_in_flight = n;
     }
+    server_cfg.tls = tls;
     let shutdown = CancellationToken::new();
     let sessions = TaskTracker::new();
     let nbd = NbdServer::new(registry.clone(), server_cfg, shutdown.clone());
 
     let first = registry.iter().next().map(|e| e.name.clone()).unwrap_or_default();
+    // Hints for the startup lines: required TLS needs a TLS URI.
+    let (scheme, tls_hint) = if cfg.tls_mode == TlsMode::Required { ("nbds", "?tls-certificates=DIR") } else { ("nbd", "") };
     for addr in addrs {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
-        info!("NBD listening on {local} (try: nbdinfo nbd://{local}/{first})");
+        info!("NBD listening on {local} (try: nbdinfo '{scheme}://{local}/{first}{tls_hint}')");
         tokio::spawn(accept_tcp(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
     }
     let unix_path = cfg.unix.clone();
     if let Some(path) = &unix_path {
         let listener = bind_unix(path)?;
-        info!("NBD listening on unix:{} (try: nbdinfo 'nbd+unix:///{first}?socket={}')", path.display(), path.display());
+        let tls_hint = tls_hint.replace('?', "&");
+        info!("NBD listening on unix:{} (try: nbdinfo '{scheme}+unix:///{first}?socket={}{tls_hint}')", path.display(), path.display());
         tokio::spawn(accept_unix(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
     }
     if !iscsi_addrs.is_empty() {
@@ -118,6 +124,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The NBD TLS settings, loaded and checked (None: TLS is off).
+fn load_tls(cfg: &Config) -> anyhow::Result<Option<NbdTls>> {
+    let mode = cfg.tls_mode;
+    if mode == TlsMode::Off {
+        if cfg.tls_cert.is_some() {
+            info!("NBD TLS is off (a certificate is configured, but tls = \"off\")");
+        }
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        // Config::from_args already refused this.
+        anyhow::bail!("TLS mode {mode} needs --tls-cert and --tls-key");
+    };
+    let allow = cfg
+        .exports
+        .iter()
+        .filter(|e| !e.tls_allow.is_empty())
+        .map(|e| (e.name.clone(), e.tls_allow.iter().map(|a| a.trim_start_matches("CN=").to_string()).collect()))
+        .collect();
+    let tls = NbdTls::load(TlsPolicy { mode, allow }, cert, key, cfg.tls_ca.as_deref())?;
+    let clients = match &cfg.tls_ca {
+        Some(ca) => format!("client certificates required, verified against {}", ca.display()),
+        None => "no client certificates".to_string(),
+    };
+    info!(mode = %mode, "NBD TLS is on ({mode}; TLS 1.3; certificate {}; {clients})", cert.display());
+    for e in cfg.exports.iter().filter(|e| !e.tls_allow.is_empty()) {
+        info!(export = %e.name, "export {:?} is limited to TLS clients {}", e.name, e.tls_allow.join(", "));
+    }
+    Ok(Some(tls))
+}
+
 /// Open every export's store and register it.
 fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
     let mut registry = ExportRegistry::new();
@@ -170,8 +207,7 @@ async fn accept_tcp(listener: TcpListener, nbd: Arc<NbdServer>, sessions: TaskTr
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let (rd, wr) = stream.into_split();
-                sessions.spawn(nbd.clone().serve_connection(rd, wr, peer.to_string()));
+                sessions.spawn(nbd.clone().serve_connection(stream, peer.to_string()));
             }
             Err(e) => accept_failed(e).await,
         }
@@ -212,8 +248,7 @@ async fn accept_unix(listener: UnixListener, nbd: Arc<NbdServer>, sessions: Task
         match accepted {
             Ok((stream, _)) => {
                 n += 1;
-                let (rd, wr) = stream.into_split();
-                sessions.spawn(nbd.clone().serve_connection(rd, wr, format!("unix#{n}")));
+                sessions.spawn(nbd.clone().serve_connection(stream, format!("unix#{n}")));
             }
             Err(e) => accept_failed(e).await,
         }

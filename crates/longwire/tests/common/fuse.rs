@@ -88,6 +88,72 @@ impl Mounts {
         dev
     }
 
+    /// `longwire attach URI FUSE_DIR/disk EXTRA...` (foreground), logging
+    /// to `log`, and wait until the file is there with `size` bytes. The
+    /// attach process is kept in `self.nbdfuse` (the FUSE process), so
+    /// [`Mounts::stop_nbdfuse`] and the drop clean-up apply to it too.
+    pub fn start_attach(
+        &mut self,
+        uri: &str,
+        fuse_dir: &Path,
+        size: u64,
+        extra: &[&str],
+        log: &Path,
+    ) -> PathBuf {
+        let dev = fuse_dir.join("disk");
+        let logf = fs::File::create(log).unwrap();
+        let child = command(&server_binary())
+            .arg("attach")
+            .arg(uri)
+            .arg(&dev)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn longwire attach");
+        self.nbdfuse = Some(child);
+        self.fuse_mount = Some(fuse_dir.to_path_buf());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fs::metadata(&dev).map(|md| md.len()).unwrap_or(0) != size {
+            if let Ok(Some(st)) = self.nbdfuse.as_mut().unwrap().try_wait() {
+                panic!(
+                    "longwire attach exited early with {st}: {}",
+                    fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "longwire attach did not expose {} ({size} bytes) within 20 s: {}",
+                dev.display(),
+                fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dev
+    }
+
+    /// Is the FUSE process (nbdfuse or longwire attach) still running?
+    pub fn fuse_process_alive(&mut self) -> bool {
+        matches!(self.nbdfuse.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Wait at most `timeout` for the FUSE process to exit; its status.
+    pub fn wait_fuse_process(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.nbdfuse.as_mut()?.try_wait().unwrap() {
+                self.nbdfuse = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `fusermount3 -u` and wait for nbdfuse to exit cleanly.
     pub fn stop_nbdfuse(&mut self) {
         let fuse = self.fuse_mount.take().expect("nbdfuse not mounted");

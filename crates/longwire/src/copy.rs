@@ -1,0 +1,257 @@
+//! `longwire copy SRC DST`: copy one volume onto another, sparse-aware.
+//!
+//! Both ends are volume URIs: `file:`, `sqlite:` and `memory:` (opened by
+//! [`longwire_store::open_uri`]) or `nbd://` / `nbd+unix://` (an
+//! [`NbdVolume`], which asks the server for block status). SRC's allocation
+//! map is walked first; data extents are read and written in chunks, many at
+//! once; holes and zero extents are never read, and on DST they are zeroed
+//! only where DST itself may hold data (a fresh or sparse destination is
+//! left alone). DST is flushed at the end.
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use longwire_core::{Extent, ExtentKind, ReadSegment, Volume, ZeroFlags};
+use longwire_nbd::client::{ClientConfig, NbdVolume};
+use tokio::task::JoinSet;
+
+use crate::cli::CopyArgs;
+
+/// Largest piece read and written at once.
+const CHUNK: u64 = 4 << 20;
+/// Largest range asked about in one extents call.
+const EXTENTS_ASK: u64 = 1 << 30;
+
+fn is_nbd(uri: &str) -> bool {
+    let scheme = uri.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+    scheme.starts_with("nbd")
+}
+
+/// Open a volume URI. `create_size`: for `file:`/`sqlite:` URIs without
+/// `size=`, add it, so a missing destination is created at SRC's size (and
+/// a smaller existing one grown to it).
+async fn open(uri: &str, connections: usize, create_size: Option<u64>) -> anyhow::Result<Arc<dyn Volume>> {
+    if is_nbd(uri) {
+        let config = ClientConfig { connections, ..ClientConfig::default() };
+        let vol = NbdVolume::connect(uri, config).await.with_context(|| format!("connecting to {uri}"))?;
+        return Ok(Arc::new(vol));
+    }
+    let mut uri = uri.to_string();
+    if let Some(size) = create_size {
+        let scheme = uri.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+        let query = uri.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let has_size = query.split('&').any(|p| p.split('=').next() == Some("size"));
+        if (scheme == "file" || scheme == "sqlite") && !has_size {
+            let sep = if uri.contains('?') { '&' } else { '?' };
+            uri = format!("{uri}{sep}size={size}");
+        }
+    }
+    let opened = tokio::task::spawn_blocking(move || longwire_store::open_uri(&uri))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(opened.volume)
+}
+
+#[derive(Default)]
+struct Counters {
+    /// Bytes of SRC data read (and written to DST).
+    read: AtomicU64,
+    /// Bytes of SRC that were holes or zeros and were not read.
+    skipped: AtomicU64,
+    /// Bytes zeroed on DST (where DST held data under a SRC hole).
+    zeroed: AtomicU64,
+}
+
+pub fn run(args: CopyArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(copy(args))
+}
+
+async fn copy(args: CopyArgs) -> anyhow::Result<()> {
+    let connections = args.connections.unwrap_or(4).max(1);
+    let parallel = args.parallel.unwrap_or(8).max(1);
+    let src = open(&args.src, connections, None).await?;
+    let size = src.size();
+    let dst = open(&args.dst, connections, Some(size)).await?;
+    if dst.size() < size {
+        bail!("{} ({} bytes) is smaller than {} ({size} bytes)", args.dst, dst.size(), args.src);
+    }
+    if dst.capabilities().read_only {
+        bail!("{} is read-only", args.dst);
+    }
+    let started = Instant::now();
+
+    // The allocation map of SRC, merged.
+    let mut map: Vec<(u64, Extent)> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let exts = src.extents(off, (size - off).min(EXTENTS_ASK)).await.with_context(|| format!("allocation map of {}", args.src))?;
+        if exts.is_empty() {
+            bail!("{} returned an empty allocation map at offset {off}", args.src);
+        }
+        for e in exts {
+            let len = e.len.min(size - off);
+            if len == 0 {
+                break;
+            }
+            match map.last_mut() {
+                Some((_, last)) if last.kind.reads_as_zero() == e.kind.reads_as_zero() => last.len += len,
+                _ => map.push((off, Extent::new(len, if e.kind.reads_as_zero() { ExtentKind::Zero } else { ExtentKind::Data }))),
+            }
+            off += len;
+            if off >= size {
+                break;
+            }
+        }
+    }
+    let total_data: u64 = map.iter().filter(|(_, e)| e.kind == ExtentKind::Data).map(|(_, e)| e.len).sum();
+
+    let counters = Arc::new(Counters::default());
+    let progress = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
+        let c = counters.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let done = c.read.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                let pct = if total_data == 0 { 100.0 } else { done as f64 * 100.0 / total_data as f64 };
+                eprint!(
+                    "\rcopied {} of {} data ({pct:.0}%), {:.1} MB/s   ",
+                    human(done),
+                    human(total_data),
+                    done as f64 / secs / 1e6
+                );
+                let _ = std::io::stderr().flush();
+            }
+        })
+    });
+
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut failure: Option<anyhow::Error> = None;
+    'walk: for (start, ext) in map {
+        let end = start + ext.len;
+        let mut pos = start;
+        while pos < end {
+            let len = (end - pos).min(CHUNK);
+            while tasks.len() >= parallel {
+                if let Some(r) = tasks.join_next().await {
+                    if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
+                        failure = Some(e);
+                        break 'walk;
+                    }
+                }
+            }
+            let (src, dst, c) = (src.clone(), dst.clone(), counters.clone());
+            let data = ext.kind == ExtentKind::Data;
+            tasks.spawn(async move {
+                if data {
+                    copy_chunk(&*src, &*dst, pos, len, &c).await
+                } else {
+                    c.skipped.fetch_add(len, Ordering::Relaxed);
+                    zero_where_needed(&*dst, pos, len, &c).await
+                }
+            });
+            pos += len;
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
+            failure.get_or_insert(e);
+        }
+    }
+    if let Some(p) = progress {
+        p.abort();
+        let done = counters.read.load(Ordering::Relaxed);
+        eprintln!("\rcopied {} of {} data                    ", human(done), human(total_data));
+    }
+    if let Some(e) = failure {
+        return Err(e.context(format!("copying {} to {}", args.src, args.dst)));
+    }
+    dst.flush().await.with_context(|| format!("flushing {}", args.dst))?;
+
+    let secs = started.elapsed().as_secs_f64();
+    let read = counters.read.load(Ordering::Relaxed);
+    let skipped = counters.skipped.load(Ordering::Relaxed);
+    let zeroed = counters.zeroed.load(Ordering::Relaxed);
+    eprintln!(
+        "copied {} ({size} bytes) from {} to {}: {read} bytes read, {skipped} bytes of holes skipped, \
+         {zeroed} bytes zeroed on the destination, in {secs:.2} s ({:.1} MB/s)",
+        human(size),
+        args.src,
+        args.dst,
+        read as f64 / secs.max(1e-6) / 1e6
+    );
+    Ok(())
+}
+
+/// Copy `[pos, pos + len)`, which SRC says holds data; runs SRC reports as
+/// zero on the way (sparse reads) and all-zero buffers count as holes.
+async fn copy_chunk(src: &dyn Volume, dst: &dyn Volume, pos: u64, len: u64, c: &Counters) -> anyhow::Result<()> {
+    let segments = src.read_sparse(pos, len as usize).await.with_context(|| format!("reading {len} bytes at {pos}"))?;
+    let mut at = pos;
+    for seg in segments {
+        let n = seg.len();
+        match seg {
+            ReadSegment::Data(bytes) if bytes.iter().any(|&b| b != 0) => {
+                c.read.fetch_add(n, Ordering::Relaxed);
+                dst.write(at, bytes, false).await.with_context(|| format!("writing {n} bytes at {at}"))?;
+            }
+            ReadSegment::Data(_) => {
+                c.read.fetch_add(n, Ordering::Relaxed);
+                zero_where_needed(dst, at, n, c).await?;
+            }
+            ReadSegment::Zero(_) => {
+                c.skipped.fetch_add(n, Ordering::Relaxed);
+                zero_where_needed(dst, at, n, c).await?;
+            }
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Make `[pos, pos + len)` of DST read as zeros, touching only the parts
+/// DST does not already know to be zero.
+async fn zero_where_needed(dst: &dyn Volume, pos: u64, len: u64, c: &Counters) -> anyhow::Result<()> {
+    let end = pos + len;
+    let mut at = pos;
+    while at < end {
+        let exts = dst.extents(at, end - at).await.with_context(|| format!("allocation map of the destination at {at}"))?;
+        if exts.is_empty() {
+            bail!("the destination returned an empty allocation map at offset {at}");
+        }
+        for e in exts {
+            let n = e.len.min(end - at);
+            if !e.kind.reads_as_zero() {
+                dst.write_zeroes(at, n, ZeroFlags { may_trim: true, ..Default::default() })
+                    .await
+                    .with_context(|| format!("zeroing {n} bytes at {at}"))?;
+                c.zeroed.fetch_add(n, Ordering::Relaxed);
+            }
+            at += n;
+            if at >= end {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
