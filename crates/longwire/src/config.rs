@@ -75,13 +75,24 @@ pub struct IscsiTargetConfig {
     pub allow_initiators: Vec<String>,
 }
 
-/// One `[[export]]` table.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// One `[[export]]` table. The volume is exactly one of `uri`, `concat`
+/// and `stripe` (see [`ExportConfig::source`]).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     pub name: String,
     /// Volume URI, as on the command line.
-    pub uri: String,
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// Part URIs laid end to end (ENBD's linear aggregation).
+    #[serde(default)]
+    pub concat: Option<Vec<String>>,
+    /// Part URIs striped RAID 0 style (ENBD's striped aggregation).
+    #[serde(default)]
+    pub stripe: Option<Vec<String>>,
+    /// Stripe size for `stripe` (e.g. `"64K"` or `65536`; default 64K).
+    #[serde(default)]
+    pub stripe_size: Option<SizeValue>,
     #[serde(default)]
     pub description: Option<String>,
     #[serde(default)]
@@ -90,6 +101,88 @@ pub struct ExportConfig {
     /// Common Names (`"CN=name"`) may use this export.
     #[serde(default)]
     pub tls_allow: Vec<String>,
+}
+
+/// A size in the config file: a number of bytes or a string such as `"64K"`
+/// (see [`longwire_store::parse_size`]).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(s) => longwire_store::parse_size(s),
+        }
+    }
+}
+
+/// Stripe size when `stripe_size` is not given.
+pub const DEFAULT_STRIPE_SIZE: u64 = 64 * 1024;
+
+/// Where an export's volume comes from, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportSource<'a> {
+    /// One volume URI.
+    Uri(&'a str),
+    /// Parts laid end to end.
+    Concat(&'a [String]),
+    /// Parts striped in units of `stripe_size` bytes.
+    Stripe { parts: &'a [String], stripe_size: u64 },
+}
+
+impl ExportConfig {
+    /// Which volume this export serves: exactly one of `uri`, `concat` and
+    /// `stripe` must be given, `stripe_size` only with `stripe`.
+    pub fn source(&self) -> anyhow::Result<ExportSource<'_>> {
+        let name = &self.name;
+        let given: Vec<&str> = [("uri", self.uri.is_some()), ("concat", self.concat.is_some()), ("stripe", self.stripe.is_some())]
+            .into_iter()
+            .filter_map(|(k, set)| set.then_some(k))
+            .collect();
+        if given.len() != 1 {
+            let what = if given.is_empty() { "none is".to_string() } else { format!("{} are", given.join(" and ")) };
+            bail!(
+                "export {name:?} needs exactly one of uri (one volume), concat (parts end to end) or stripe (parts striped); {what} given"
+            );
+        }
+        if self.stripe_size.is_some() && self.stripe.is_none() {
+            bail!("export {name:?}: stripe_size only goes with stripe");
+        }
+        let check_parts = |key: &str, parts: &[String]| -> anyhow::Result<()> {
+            if parts.is_empty() {
+                bail!("export {name:?}: {key} needs at least one part URI, e.g. {key} = [\"file:a.img?size=1G\", \"file:b.img?size=1G\"]");
+            }
+            if parts.iter().any(|p| p.is_empty()) {
+                bail!("export {name:?}: {key} has an empty part URI");
+            }
+            Ok(())
+        };
+        if let Some(uri) = &self.uri {
+            if uri.is_empty() {
+                bail!("export {name:?}: uri is empty");
+            }
+            return Ok(ExportSource::Uri(uri));
+        }
+        if let Some(parts) = &self.concat {
+            check_parts("concat", parts)?;
+            return Ok(ExportSource::Concat(parts));
+        }
+        let parts = self.stripe.as_deref().expect("exactly one source is set");
+        check_parts("stripe", parts)?;
+        let stripe_size = match &self.stripe_size {
+            None => DEFAULT_STRIPE_SIZE,
+            Some(v) => v.bytes().map_err(|e| anyhow::anyhow!("export {name:?}: stripe_size: {e}"))?,
+        };
+        if stripe_size == 0 {
+            bail!("export {name:?}: stripe_size must not be zero");
+        }
+        Ok(ExportSource::Stripe { parts, stripe_size })
+    }
 }
 
 /// Default listen address when nothing else is said.
@@ -143,6 +236,9 @@ impl Config {
         }
         if cfg.exports.is_empty() {
             cfg.exports.push(default_export());
+        }
+        for e in &cfg.exports {
+            e.source()?;
         }
         if cfg.max_in_flight == Some(0) {
             bail!("max_in_flight must be at least 1");
@@ -209,10 +305,9 @@ impl Config {
 pub fn default_export() -> ExportConfig {
     ExportConfig {
         name: "default".into(),
-        uri: "file:longwire-data/default.img?size=1G".into(),
+        uri: Some("file:longwire-data/default.img?size=1G".into()),
         description: Some("longwire default volume (1 GiB, sparse file in ./longwire-data)".into()),
-        readonly: false,
-        tls_allow: vec![],
+        ..ExportConfig::default()
     }
 }
 
@@ -224,7 +319,7 @@ fn parse_export_flag(spec: &str) -> anyhow::Result<ExportConfig> {
     if name.is_empty() || uri.is_empty() {
         bail!("--export {spec:?} must look like NAME=URI, e.g. disk=file:disk.img?size=10G");
     }
-    Ok(ExportConfig { name: name.into(), uri: uri.into(), description: None, readonly: false, tls_allow: vec![] })
+    Ok(ExportConfig { name: name.into(), uri: Some(uri.into()), ..ExportConfig::default() })
 }
 
 #[cfg(test)]
@@ -368,9 +463,83 @@ allow_initiators = ["iqn.1994-05.com.redhat:client"]
     fn export_flags_parse_and_reject_garbage() {
         let cfg = Config::from_args(&args(&["a=memory:?size=1M", "b=file:x.img?size=1G&readonly=true"])).unwrap();
         assert_eq!(cfg.exports.len(), 2);
-        assert_eq!(cfg.exports[1].uri, "file:x.img?size=1G&readonly=true");
+        assert_eq!(cfg.exports[1].uri.as_deref(), Some("file:x.img?size=1G&readonly=true"));
+        assert_eq!(cfg.exports[1].source().unwrap(), ExportSource::Uri("file:x.img?size=1G&readonly=true"));
         assert!(Config::from_args(&args(&["novalue"])).is_err());
         assert!(Config::from_args(&args(&["=memory:"])).is_err());
+    }
+
+    /// Load `body` as a config file; the error text on failure.
+    fn load_str(body: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, body).unwrap();
+        let mut a = args(&[]);
+        a.config = Some(path);
+        Config::from_args(&a).map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn composite_exports_parse() {
+        let cfg = load_str(
+            r#"
+[[export]]
+name = "big"
+concat = ["file:a.img?size=1G", "file:b.img?size=1G"]
+readonly = true
+description = "two disks"
+[[export]]
+name = "fast"
+stripe = ["file:s0.img?size=1G", "file:s1.img?size=1G", "file:s2.img?size=1G"]
+stripe_size = "128K"
+[[export]]
+name = "dflt"
+stripe = ["memory:?size=1M"]
+[[export]]
+name = "bytes"
+stripe = ["memory:?size=1M", "memory:?size=1M"]
+stripe_size = 4096
+[[export]]
+name = "plain"
+uri = "memory:?size=1M"
+"#,
+        )
+        .unwrap();
+        let e = &cfg.exports;
+        assert_eq!(e[0].source().unwrap(), ExportSource::Concat(&["file:a.img?size=1G".into(), "file:b.img?size=1G".into()]));
+        assert!(e[0].readonly);
+        assert_eq!(e[0].description.as_deref(), Some("two disks"));
+        let ExportSource::Stripe { parts, stripe_size } = e[1].source().unwrap() else { panic!("{:?}", e[1]) };
+        assert_eq!(parts.len(), 3);
+        assert_eq!(stripe_size, 128 * 1024);
+        assert_eq!(e[2].source().unwrap(), ExportSource::Stripe { parts: &["memory:?size=1M".into()], stripe_size: DEFAULT_STRIPE_SIZE });
+        assert!(matches!(e[3].source().unwrap(), ExportSource::Stripe { stripe_size: 4096, .. }));
+        assert_eq!(e[4].source().unwrap(), ExportSource::Uri("memory:?size=1M"));
+    }
+
+    #[test]
+    fn composite_exports_reject_bad_combinations() {
+        let err = |body: &str| load_str(body).unwrap_err();
+        let e = err("[[export]]\nname = \"x\"\n");
+        assert!(e.contains("\"x\"") && e.contains("exactly one of uri") && e.contains("none is given"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nuri = \"memory:?size=1M\"\nconcat = [\"memory:?size=1M\"]\n");
+        assert!(e.contains("uri and concat are given"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nconcat = [\"memory:?size=1M\"]\nstripe = [\"memory:?size=1M\"]\n");
+        assert!(e.contains("concat and stripe are given"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nuri = \"memory:?size=1M\"\nstripe_size = \"64K\"\n");
+        assert!(e.contains("stripe_size only goes with stripe"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nconcat = [\"memory:?size=1M\"]\nstripe_size = \"64K\"\n");
+        assert!(e.contains("stripe_size only goes with stripe"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nconcat = []\n");
+        assert!(e.contains("at least one part"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nstripe = [\"memory:?size=1M\"]\nstripe_size = \"64Q\"\n");
+        assert!(e.contains("\"x\": stripe_size") && e.contains("unknown unit"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nstripe = [\"memory:?size=1M\"]\nstripe_size = 0\n");
+        assert!(e.contains("must not be zero"), "{e}");
+        let e = err("[[export]]\nname = \"x\"\nstripe = [\"memory:?size=1M\"]\nstripes = 2\n");
+        assert!(e.contains("stripes"), "unknown keys are still errors: {e}");
+        let e = err("[[export]]\nname = \"x\"\nconcat = \"memory:?size=1M\"\n");
+        assert!(e.contains("concat"), "{e}");
     }
 
     #[test]

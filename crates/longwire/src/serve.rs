@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use longwire_core::{layers::ReadOnly, Export, ExportRegistry, Volume};
+use longwire_core::layers::{Concat, ReadOnly, Stripe};
+use longwire_core::{Export, ExportRegistry, Volume};
 use longwire_iscsi::backend::{build_target, LunVolume};
 use longwire_iscsi::{IscsiConfig, IscsiServer};
 use longwire_nbd::{NbdServer, NbdTls, ServerConfig, TlsMode, TlsPolicy};
@@ -22,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::cli::ServeArgs;
-use crate::config::{Config, ExportConfig};
+use crate::config::{Config, ExportConfig, ExportSource};
 
 /// How long sessions get to finish after a shutdown signal.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
@@ -155,23 +156,21 @@ fn load_tls(cfg: &Config) -> anyhow::Result<Option<NbdTls>> {
     Ok(Some(tls))
 }
 
-/// Open every export's store and register it.
+/// Open every export's store (or its parts) and register it.
 fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
     let mut registry = ExportRegistry::new();
     for e in exports {
-        let opened = longwire_store::open_uri(&e.uri).map_err(|msg| anyhow!("export {:?}: {msg}", e.name))?;
-        let mut volume: Arc<dyn Volume> = opened.volume;
+        let (mut volume, uri_description, what) = open_export(e)?;
         if e.readonly && !volume.capabilities().read_only {
             volume = Arc::new(ReadOnly::new(volume));
         }
-        let description = e.description.clone().or(opened.description).unwrap_or_default();
+        let description = e.description.clone().or(uri_description).unwrap_or_default();
         info!(
             export = %e.name,
             size = volume.size(),
             read_only = volume.capabilities().read_only,
-            "export {:?} ready: {} ({})",
+            "export {:?} ready: {what} ({})",
             e.name,
-            e.uri,
             human_size(volume.size())
         );
         registry
@@ -179,6 +178,62 @@ fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
             .map_err(|msg| anyhow!(msg))?;
     }
     Ok(registry)
+}
+
+/// Open one export's volume: its URI, or its parts assembled into a
+/// concatenation or stripe set. Returns the volume, the description its URI
+/// gave (plain URIs only) and what to call it in the startup log.
+fn open_export(e: &ExportConfig) -> anyhow::Result<(Arc<dyn Volume>, Option<String>, String)> {
+    let open_parts = |parts: &[String]| -> anyhow::Result<Vec<Arc<dyn Volume>>> {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, uri)| {
+                longwire_store::open_uri(uri)
+                    .map(|o| o.volume)
+                    .map_err(|msg| anyhow!("export {:?}: part {i}: {msg}", e.name))
+            })
+            .collect()
+    };
+    let describe_parts = |parts: &[String], volumes: &[Arc<dyn Volume>]| -> String {
+        parts
+            .iter()
+            .zip(volumes)
+            .map(|(uri, v)| format!("{uri} ({})", human_size(v.size())))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match e.source()? {
+        ExportSource::Uri(uri) => {
+            let opened = longwire_store::open_uri(uri).map_err(|msg| anyhow!("export {:?}: {msg}", e.name))?;
+            Ok((opened.volume, opened.description, uri.to_string()))
+        }
+        ExportSource::Concat(parts) => {
+            let volumes = open_parts(parts)?;
+            let list = describe_parts(parts, &volumes);
+            let concat = Concat::new(volumes).map_err(|err| anyhow!("export {:?}: cannot concatenate its parts: {err}", e.name))?;
+            info!(export = %e.name, parts = parts.len(), layout = "concat", size = concat.size(), "export {:?}: concatenation of {} parts: {list}", e.name, parts.len());
+            Ok((Arc::new(concat), None, format!("concat of {} parts", parts.len())))
+        }
+        ExportSource::Stripe { parts, stripe_size } => {
+            let volumes = open_parts(parts)?;
+            let list = describe_parts(parts, &volumes);
+            let stripe =
+                Stripe::new(volumes, stripe_size).map_err(|err| anyhow!("export {:?}: cannot stripe over its parts: {err}", e.name))?;
+            info!(
+                export = %e.name,
+                parts = parts.len(),
+                layout = "stripe",
+                stripe_size,
+                size = stripe.size(),
+                "export {:?}: stripe set of {} parts, {} stripes: {list}",
+                e.name,
+                parts.len(),
+                human_size(stripe_size)
+            );
+            Ok((Arc::new(stripe), None, format!("stripe of {} parts × {}", parts.len(), human_size(stripe_size))))
+        }
+    }
 }
 
 fn parse_addr(addr: &str, flag: &str) -> anyhow::Result<SocketAddr> {
