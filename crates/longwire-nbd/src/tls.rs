@@ -140,7 +140,7 @@ impl NbdTls {
     }
 }
 
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+pub(crate) fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let pem = std::fs::read(path).map_err(|e| TlsSetupError(format!("cannot read {what} {}: {e}", path.display())))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

@@ -311,9 +311,13 @@ async fn errors_are_mapped_and_clear() {
         let e = NbdClient::connect(&format!("nbd://{dead}/x"), ClientConfig::default()).await.unwrap_err();
         assert!(matches!(&e, ClientError::Connect { .. }), "{e}");
 
-        // TLS is recognised but not there yet; bad URIs say what is wrong.
+        // TLS needs a CA to trust; bad URIs say what is wrong.
         let e = NbdClient::connect(&format!("nbds://{}/disk", server.addr()), ClientConfig::default()).await.unwrap_err();
-        assert!(e.to_string().contains("TLS is not supported yet"), "{e}");
+        assert!(matches!(&e, ClientError::TlsSetup { .. }) && e.to_string().contains("tls-certificates=DIR"), "{e}");
+        let e = NbdClient::connect(&format!("nbds://{}/disk?tls-certificates=/nonexistent", server.addr()), ClientConfig::default())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca-cert.pem"), "{e}");
         let e = NbdClient::connect("nbd+unix:///disk", ClientConfig::default()).await.unwrap_err();
         assert!(e.to_string().contains("socket="), "{e}");
     })

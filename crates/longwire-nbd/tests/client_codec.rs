@@ -53,6 +53,7 @@ fn negotiate_with_server(opts: NegotiateOptions) -> (ExportInfo, Vec<u32>) {
         match action {
             Action::Done(info) => return (*info, sent),
             Action::ReadExportNameReply { .. } => panic!("longwire supports NBD_OPT_GO"),
+            Action::StartTls => panic!("TLS was not asked for"),
             Action::ReadOptionReply => {
                 let opts = options(&to_server);
                 to_server.clear();
@@ -502,4 +503,45 @@ fn server_errors_map_to_volume_errors() {
     let e = server(ENOMEM);
     assert_eq!(e.to_string(), "NBD_CMD_WRITE of 1 bytes at offset 0 failed on the server: NBD_ENOMEM (why)");
     assert!(matches!(VolumeError::from(e), VolumeError::Io(_)));
+}
+
+/// STARTTLS comes first when TLS is asked for; the machine stops for the
+/// TLS handshake and carries on with the usual options afterwards.
+#[test]
+fn starttls_comes_first_and_pauses_for_the_tls_handshake() {
+    let mut c = ClientNegotiation::new(NegotiateOptions { tls: true, ..NegotiateOptions::new("disk") });
+    let mut out = BytesMut::new();
+    let a = c.greeting(&greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES), &mut out).unwrap();
+    assert!(matches!(a, Action::ReadOptionReply));
+    assert_eq!(options(&out[4..]), vec![(OPT_STARTTLS, vec![])]);
+    out.clear();
+    // Nothing but STARTTLS before TLS is up.
+    assert!(c.tls_established(&mut out).is_err());
+    let a = c.option_reply(OPT_STARTTLS, REP_ACK, &[], &mut out).unwrap();
+    assert!(matches!(a, Action::StartTls) && out.is_empty());
+    let a = c.tls_established(&mut out).unwrap();
+    assert!(matches!(a, Action::ReadOptionReply));
+    assert_eq!(options(&out).iter().map(|o| o.0).collect::<Vec<_>>(), vec![OPT_EXTENDED_HEADERS]);
+}
+
+#[test]
+fn a_server_refusing_starttls_or_requiring_it_is_reported() {
+    for typ in [REP_ERR_POLICY, REP_ERR_UNSUP] {
+        let mut c = ClientNegotiation::new(NegotiateOptions { tls: true, ..NegotiateOptions::new("disk") });
+        let mut out = BytesMut::new();
+        c.greeting(&greeting(FLAG_FIXED_NEWSTYLE), &mut out).unwrap();
+        let e = c.option_reply(OPT_STARTTLS, typ, b"TLS is off", &mut out).unwrap_err();
+        assert_eq!(e, NegotiationError::TlsRefused("TLS is off".into()));
+        assert!(e.to_string().contains("server refused TLS"), "{e}");
+    }
+    // Not fixed newstyle: no STARTTLS possible.
+    let mut c = ClientNegotiation::new(NegotiateOptions { tls: true, ..NegotiateOptions::new("disk") });
+    let e = c.greeting(&greeting(0), &mut BytesMut::new()).unwrap_err();
+    assert!(matches!(e, NegotiationError::TlsRefused(_)), "{e}");
+    // A plaintext client at a TLS-only server stops at the first refusal.
+    let mut c = ClientNegotiation::new(NegotiateOptions::new("disk"));
+    let mut out = BytesMut::new();
+    c.greeting(&greeting(FLAG_FIXED_NEWSTYLE), &mut out).unwrap();
+    let e = c.option_reply(OPT_EXTENDED_HEADERS, REP_ERR_TLS_REQD, b"TLS required", &mut out).unwrap_err();
+    assert_eq!(e, NegotiationError::TlsRequired("TLS required".into()));
 }

@@ -96,10 +96,8 @@ fn split_target(target: &Path) -> anyhow::Result<(PathBuf, String)> {
 }
 
 pub fn run(args: AttachArgs) -> anyhow::Result<()> {
-    let uri: NbdUri = args.uri.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    if uri.tls {
-        bail!("{}: TLS (nbds://) is not supported yet; use nbd:// or nbd+unix://", args.uri);
-    }
+    // Reject a malformed URI before anything else (connecting reports it too, less directly).
+    args.uri.parse::<NbdUri>().map_err(|e| anyhow::anyhow!("{e}"))?;
     let config = client_config(args.timeout, args.connections, args.reconnect_for.as_deref())?;
     let (mountpoint, name) = split_target(&args.file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

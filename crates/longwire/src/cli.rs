@@ -42,10 +42,12 @@ pub enum Command {
     Attach(AttachArgs),
     /// Unmount what `longwire attach` mounted (the attach process then exits).
     Detach(DetachArgs),
-    /// Copy one volume onto another (file:, sqlite:, memory:, nbd://), sparse-aware.
+    /// Copy one volume onto another (file:, sqlite:, memory:, nbd://, nbds://), sparse-aware.
     ///
     /// Both are volume URIs: file:PATH, sqlite:PATH?volume=NAME, memory:?size=N,
-    /// nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH. SRC's
+    /// nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, and over TLS
+    /// nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR (DIR holds ca-cert.pem,
+    /// and client-cert.pem + client-key.pem for a client certificate). SRC's
     /// allocation map (SEEK_HOLE for files, chunk maps for sqlite, NBD block
     /// status) is walked first; data is copied in 4 MiB pieces, several at
     /// once; holes and zero runs are not read, and are zeroed on DST only where
@@ -84,9 +86,14 @@ attach process then logs it and keeps serving.
 Examples:
   mkdir -p /mnt/nbd && longwire attach nbd://127.0.0.1/default /mnt/nbd/disk &
   longwire attach 'nbd+unix:///vm1?socket=/run/longwire.sock' /mnt/vm1/disk --timeout 120
+  longwire attach 'nbds://nbd.example.com/vm2?tls-certificates=/etc/pki/nbd' /mnt/vm2/disk
   longwire detach /mnt/nbd/disk")]
 pub struct AttachArgs {
-    /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds:// is not supported yet).
+    /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH; over TLS
+    /// nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR or
+    /// nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR (DIR holds
+    /// ca-cert.pem, and client-cert.pem + client-key.pem for a client
+    /// certificate, as for libnbd).
     #[arg(value_name = "URI")]
     pub uri: String,
 
@@ -134,6 +141,7 @@ always printed at the end.
 Examples:
   longwire copy file:disk.raw nbd://127.0.0.1/default
   longwire copy nbd://127.0.0.1/default file:backup.img
+  longwire copy file:disk.raw 'nbds://nbd.example.com/default?tls-certificates=/etc/pki/nbd'
   longwire copy file:disk.raw 'sqlite:vols.db?volume=disk1'")]
 pub struct CopyArgs {
     /// Source volume URI.

@@ -1,7 +1,8 @@
 //! `longwire copy SRC DST`: copy one volume onto another, sparse-aware.
 //!
 //! Both ends are volume URIs: `file:`, `sqlite:` and `memory:` (opened by
-//! [`longwire_store::open_uri`]) or `nbd://` / `nbd+unix://` (an
+//! [`longwire_store::open_uri`]) or `nbd://` / `nbd+unix://` / `nbds://` /
+//! `nbds+unix://` (an
 //! [`NbdVolume`], which asks the server for block status). SRC's allocation
 //! map is walked first; data extents are read and written in chunks, many at
 //! once; holes and zero extents are never read, and on DST they are zeroed

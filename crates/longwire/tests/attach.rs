@@ -302,8 +302,9 @@ fn detach_by_signal_and_by_command() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a longwire attach mount"), "{out:?}");
 
-    // 4. nbds:// is refused with a clear message.
+    // 4. nbds:// without a CA to trust is refused with a clear message.
     let out = run_unchecked(command(&server_binary()).args(["attach", "nbds://127.0.0.1/x"]).arg(fuse_dir.join("disk")), "");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TLS") && err.contains("tls-certificates"), "{out:?}");
 }

@@ -1,5 +1,6 @@
 //! Client tunables.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How a lost connection is re-established.
@@ -62,6 +63,17 @@ pub struct ClientConfig {
     pub structured_replies: bool,
     /// Select `base:allocation` for block status. Default true.
     pub block_status: bool,
+    /// TLS (`nbds://` URIs only): the CA certificate (PEM) the server's
+    /// certificate must chain to. Overrides `ca-cert.pem` from the URI's
+    /// `tls-certificates=DIR`; one of the two is required.
+    pub tls_ca: Option<PathBuf>,
+    /// TLS client certificate chain (PEM), presented when the server asks.
+    /// Overrides `client-cert.pem` from `tls-certificates=DIR`; needs
+    /// [`tls_key`](Self::tls_key).
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of [`tls_cert`](Self::tls_cert). Overrides
+    /// `client-key.pem` from `tls-certificates=DIR`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -76,6 +88,9 @@ impl Default for ClientConfig {
             extended_headers: true,
             structured_replies: true,
             block_status: true,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

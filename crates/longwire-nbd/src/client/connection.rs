@@ -11,6 +11,7 @@ use tokio::net::{TcpStream, UnixStream};
 use super::config::ClientConfig;
 use super::error::ClientError;
 use super::negotiate::*;
+use super::tls::ClientTls;
 use super::uri::{Address, NbdUri};
 
 pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -27,7 +28,13 @@ fn connect_error(address: &Address, e: io::Error) -> ClientError {
     ClientError::Connect { address: address.to_string(), kind: e.kind(), message: e.to_string() }
 }
 
-async fn open_stream(address: &Address) -> io::Result<(BoxRead, BoxWrite)> {
+/// A freshly opened socket.
+enum Plain {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+async fn open_stream(address: &Address) -> io::Result<Plain> {
     match address {
         Address::Tcp { host, port } => {
             let mut last = None;
@@ -36,42 +43,59 @@ async fn open_stream(address: &Address) -> io::Result<(BoxRead, BoxWrite)> {
                     Ok(s) => {
                         // Requests are small and latency-bound; never wait to coalesce.
                         s.set_nodelay(true)?;
-                        let (r, w) = s.into_split();
-                        return Ok((Box::new(r), Box::new(w)));
+                        return Ok(Plain::Tcp(s));
                     }
                     Err(e) => last = Some(e),
                 }
             }
             Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} has no addresses"))))
         }
-        Address::Unix(path) => {
-            let s = UnixStream::connect(path).await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
-        }
+        Address::Unix(path) => Ok(Plain::Unix(UnixStream::connect(path).await?)),
     }
 }
 
-/// Connect and negotiate, all within `config.connect_timeout`.
-pub(crate) async fn connect(uri: &NbdUri, config: &ClientConfig) -> Result<Connected, ClientError> {
-    if uri.tls {
-        return Err(ClientError::TlsUnsupported(uri.to_string()));
-    }
+/// Connect and negotiate, all within `config.connect_timeout`. `tls`
+/// (loaded once per client by [`super::tls::load`]) is required for TLS URIs.
+pub(crate) async fn connect(uri: &NbdUri, config: &ClientConfig, tls: Option<&ClientTls>) -> Result<Connected, ClientError> {
     let address = &uri.address;
+    let tls = match (uri.tls, tls) {
+        (false, _) => None,
+        (true, Some(t)) => Some(t),
+        (true, None) => {
+            return Err(ClientError::TlsSetup { uri: uri.to_string(), message: "no TLS configuration loaded".into() })
+        }
+    };
     let timeout = config.connect_timeout;
     let attempt = async {
-        let (mut rd, mut wr) = open_stream(address).await.map_err(|e| connect_error(address, e))?;
         let opts = NegotiateOptions {
             export: uri.export.clone(),
             extended_headers: config.extended_headers,
             structured_replies: config.structured_replies,
             block_status: config.block_status,
+            tls: tls.is_some(),
         };
-        let info = negotiate(&mut rd, &mut wr, opts).await.map_err(|e| match e {
+        let fail = |e: HandshakeFailure| match e {
             HandshakeFailure::Io(e) => connect_error(address, e),
             HandshakeFailure::Nbd(error) => ClientError::Handshake { address: address.to_string(), error },
-        })?;
-        Ok(Connected { rd, wr, info })
+            HandshakeFailure::Tls(e) => tls_error(address, tls, e),
+        };
+        match open_stream(address).await.map_err(|e| connect_error(address, e))? {
+            Plain::Tcp(s) => {
+                handshake(s, opts, tls, |s| {
+                    let (r, w) = s.into_split();
+                    (Box::new(r), Box::new(w))
+                })
+                .await
+            }
+            Plain::Unix(s) => {
+                handshake(s, opts, tls, |s| {
+                    let (r, w) = s.into_split();
+                    (Box::new(r), Box::new(w))
+                })
+                .await
+            }
+        }
+        .map_err(fail)
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -83,9 +107,74 @@ pub(crate) async fn connect(uri: &NbdUri, config: &ClientConfig) -> Result<Conne
     }
 }
 
+fn tls_error(address: &Address, tls: Option<&ClientTls>, e: io::Error) -> ClientError {
+    let mut message = e.to_string();
+    if let Some(t) = tls {
+        if message.contains("invalid peer certificate") {
+            message = format!(
+                "{message} (the server's certificate is not trusted by the CA in {}, or does not name {:?})",
+                t.ca.display(),
+                t.server_name.to_str()
+            );
+        } else if message.contains("CertificateRequired") {
+            message = format!(
+                "{message} (the server wants a client certificate: client-cert.pem and client-key.pem in the \
+                 tls-certificates directory, or ClientConfig::tls_cert/tls_key)"
+            );
+        }
+    }
+    ClientError::Tls { address: address.to_string(), message }
+}
+
+/// The handshake on `stream`, upgrading it to TLS when the negotiation
+/// says so; `split` divides a plaintext stream that stays plaintext.
+async fn handshake<S>(
+    mut stream: S,
+    opts: NegotiateOptions,
+    tls: Option<&ClientTls>,
+    split: impl FnOnce(S) -> (BoxRead, BoxWrite),
+) -> Result<Connected, HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut n = ClientNegotiation::new(opts);
+    let mut out = BytesMut::new();
+    let mut greeting = [0u8; GREETING_LEN];
+    stream.read_exact(&mut greeting).await.map_err(|e| eof_means(e, "the server closed the connection before greeting"))?;
+    let action = n.greeting(&greeting, &mut out)?;
+    match drive(&mut stream, &mut n, &mut out, action).await? {
+        Step::Done(info) => {
+            let (rd, wr) = split(stream);
+            Ok(Connected { rd, wr, info })
+        }
+        Step::StartTls => {
+            let Some(tls) = tls else {
+                return Err(NegotiationError::Protocol("STARTTLS without a TLS configuration".into()).into());
+            };
+            let mut stream =
+                tls.connector.connect(tls.server_name.clone(), stream).await.map_err(HandshakeFailure::Tls)?;
+            let action = n.tls_established(&mut out)?;
+            // TLS errors can still surface now (TLS 1.3 servers check the
+            // client certificate after the client's handshake finished).
+            let step = drive(&mut stream, &mut n, &mut out, action).await.map_err(|e| match e {
+                HandshakeFailure::Io(e) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => HandshakeFailure::Tls(e),
+                e => e,
+            })?;
+            match step {
+                Step::Done(info) => {
+                    let (r, w) = tokio::io::split(stream);
+                    Ok(Connected { rd: Box::new(r), wr: Box::new(w), info })
+                }
+                Step::StartTls => Err(NegotiationError::Protocol("STARTTLS acknowledged twice".into()).into()),
+            }
+        }
+    }
+}
+
 pub(crate) enum HandshakeFailure {
     Io(io::Error),
     Nbd(NegotiationError),
+    Tls(io::Error),
 }
 
 impl From<io::Error> for HandshakeFailure {
@@ -100,40 +189,41 @@ impl From<NegotiationError> for HandshakeFailure {
     }
 }
 
-/// Run the client side of the handshake on a connected stream.
-pub(crate) async fn negotiate<R, W>(rd: &mut R, wr: &mut W, opts: NegotiateOptions) -> Result<ExportInfo, HandshakeFailure>
+/// Where [`drive`] stopped.
+enum Step {
+    Done(ExportInfo),
+    StartTls,
+}
+
+/// Run the negotiation on `s` from `action` until it is done or wants TLS.
+async fn drive<S>(s: &mut S, n: &mut ClientNegotiation, out: &mut BytesMut, mut action: Action) -> Result<Step, HandshakeFailure>
 where
-    R: AsyncRead + Unpin + ?Sized,
-    W: AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut n = ClientNegotiation::new(opts);
-    let mut greeting = [0u8; GREETING_LEN];
-    rd.read_exact(&mut greeting).await.map_err(|e| eof_means(e, "the server closed the connection before greeting"))?;
-    let mut out = BytesMut::new();
-    let mut action = n.greeting(&greeting, &mut out)?;
     loop {
         if !out.is_empty() {
-            wr.write_all(&out).await?;
-            wr.flush().await?;
+            s.write_all(out).await?;
+            s.flush().await?;
             out.clear();
         }
         action = match action {
             Action::ReadOptionReply => {
                 let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
-                rd.read_exact(&mut h).await.map_err(|e| eof_means(e, "the server closed the connection during the handshake"))?;
+                s.read_exact(&mut h).await.map_err(|e| eof_means(e, "the server closed the connection during the handshake"))?;
                 let (opt, typ, len) = parse_option_reply_header(&h)?;
                 let mut data = vec![0u8; len as usize];
-                rd.read_exact(&mut data).await?;
-                n.option_reply(opt, typ, &data, &mut out)?
+                s.read_exact(&mut data).await?;
+                n.option_reply(opt, typ, &data, out)?
             }
             Action::ReadExportNameReply { len } => {
                 let mut data = vec![0u8; len];
-                rd.read_exact(&mut data).await.map_err(|e| {
+                s.read_exact(&mut data).await.map_err(|e| {
                     eof_means(e, "the server closed the connection after NBD_OPT_EXPORT_NAME (no such export?)")
                 })?;
-                return Ok(*n.export_name_reply(&data)?);
+                return Ok(Step::Done(*n.export_name_reply(&data)?));
             }
-            Action::Done(info) => return Ok(*info),
+            Action::StartTls => return Ok(Step::StartTls),
+            Action::Done(info) => return Ok(Step::Done(*info)),
         };
     }
 }

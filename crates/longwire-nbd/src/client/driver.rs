@@ -68,6 +68,7 @@ use super::codec::*;
 use super::config::ClientConfig;
 use super::connection::{self, fmt_duration, BoxRead, BoxWrite, Connected};
 use super::error::ClientError;
+use super::tls::ClientTls;
 use super::negotiate::ExportInfo;
 use super::uri::NbdUri;
 use crate::proto::*;
@@ -288,6 +289,8 @@ pub struct ClientStats {
 struct Shared {
     uri: NbdUri,
     config: ClientConfig,
+    /// Loaded once; every (re)connect to an `nbds://` URI does STARTTLS with it.
+    tls: Option<ClientTls>,
     /// The export as first negotiated; reconnects must match it.
     identity: ExportInfo,
     slots: usize,
@@ -756,7 +759,7 @@ async fn reconnect(shared: &Arc<Shared>, slot: usize) -> Option<Connected> {
         }
         attempt += 1;
         let r = tokio::select! {
-            r = connection::connect(&shared.uri, &shared.config) => r,
+            r = connection::connect(&shared.uri, &shared.config, shared.tls.as_ref()) => r,
             _ = shared.cancel.cancelled() => return None,
         };
         let err = match r {
@@ -860,7 +863,9 @@ impl std::fmt::Debug for NbdClient {
 
 impl NbdClient {
     /// Connect to an NBD URI (`nbd://host[:port]/export`,
-    /// `nbd+unix:///export?socket=/path`).
+    /// `nbd+unix:///export?socket=/path`, or over TLS
+    /// `nbds://host[:port]/export?tls-certificates=DIR`,
+    /// `nbds+unix:///export?socket=/path&tls-certificates=DIR`).
     pub async fn connect(uri: &str, config: ClientConfig) -> Result<NbdClient, ClientError> {
         Self::connect_to(uri.parse()?, config).await
     }
@@ -868,12 +873,14 @@ impl NbdClient {
     /// Connect to a parsed URI. The first connection's failure is returned
     /// as is (no retry); reconnecting starts once a session was established.
     pub async fn connect_to(uri: NbdUri, config: ClientConfig) -> Result<NbdClient, ClientError> {
-        let first = connection::connect(&uri, &config).await?;
+        let tls = super::tls::load(&uri, &config)?;
+        let first = connection::connect(&uri, &config, tls.as_ref()).await?;
         let identity = first.info.clone();
         let slots = if identity.has_flag(FLAG_CAN_MULTI_CONN) { config.connections.max(1) } else { 1 };
         let shared = Arc::new(Shared {
             uri,
             config,
+            tls,
             identity,
             slots,
             queue: WorkQueue::default(),
@@ -883,7 +890,7 @@ impl NbdClient {
             tasks: Mutex::new(Vec::new()),
         });
         shared.counters.connects.fetch_add(1, Ordering::Relaxed);
-        let extra = join_all((1..slots).map(|_| connection::connect(&shared.uri, &shared.config))).await;
+        let extra = join_all((1..slots).map(|_| connection::connect(&shared.uri, &shared.config, shared.tls.as_ref()))).await;
         let mut conns = vec![Some(first)];
         for (i, r) in extra.into_iter().enumerate() {
             conns.push(match r.map_err(|e| e.to_string()).and_then(|c| shared.check_identity(&c.info).map(|()| c)) {

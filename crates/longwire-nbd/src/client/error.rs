@@ -14,8 +14,14 @@ use crate::proto::*;
 pub enum ClientError {
     #[error(transparent)]
     Uri(#[from] UriError),
-    #[error("TLS is not supported yet; cannot connect to {0}")]
-    TlsUnsupported(String),
+    /// The client's TLS configuration is unusable (a missing or unreadable
+    /// certificate or key); reconnecting cannot help.
+    #[error("TLS setup for {uri} failed: {message}")]
+    TlsSetup { uri: String, message: String },
+    /// The TLS handshake with the server failed (an untrusted certificate,
+    /// a wrong name, a rejected client certificate…).
+    #[error("TLS handshake with {address} failed: {message}")]
+    Tls { address: String, message: String },
     #[error("cannot connect to {address}: {message}")]
     Connect { address: String, kind: io::ErrorKind, message: String },
     #[error("NBD handshake with {address} failed: {error}")]

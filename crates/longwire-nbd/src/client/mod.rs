@@ -6,7 +6,9 @@
 //! - [`codec`] and [`negotiate`] — sans-IO: request encoding, reply
 //!   decoding and assembly (simple, structured and extended replies, every
 //!   length checked), and the client side of the fixed-newstyle handshake.
-//! - [`uri`] — `nbd://host[:port]/export`, `nbd+unix:///export?socket=…`.
+//! - [`uri`] — `nbd://host[:port]/export`, `nbd+unix:///export?socket=…`,
+//!   and the TLS forms `nbds://…?tls-certificates=DIR`, `nbds+unix://…`
+//!   (`NBD_OPT_STARTTLS`, rustls; re-done on every reconnect).
 //! - [`NbdClient`] — the async driver: many requests in flight per
 //!   connection, replies matched by cookie, several connections when the
 //!   server allows it (`CAN_MULTI_CONN`), a deadline on every request, and
@@ -35,6 +37,7 @@ mod connection;
 mod driver;
 mod error;
 pub mod negotiate;
+mod tls;
 pub mod uri;
 mod volume;
 

@@ -8,6 +8,12 @@
 //! `NBD_OPT_EXPORT_NAME` reply and feed it to
 //! [`ClientNegotiation::export_name_reply`].
 //!
+//! With [`NegotiateOptions::tls`] the first option is `STARTTLS`; once the
+//! server acknowledges it the machine returns [`Action::StartTls`], the
+//! driver runs the TLS handshake on the stream and calls
+//! [`ClientNegotiation::tls_established`], and everything after that goes
+//! over TLS.
+//!
 //! The order of options: `EXTENDED_HEADERS` (else `STRUCTURED_REPLY`),
 //! `SET_META_CONTEXT base:allocation` (when replies can carry it), then
 //! `GO` asking for `INFO_BLOCK_SIZE`, `INFO_NAME` and `INFO_DESCRIPTION`;
@@ -37,11 +43,19 @@ pub struct NegotiateOptions {
     pub structured_replies: bool,
     /// Select `base:allocation` for block status.
     pub block_status: bool,
+    /// Start with `NBD_OPT_STARTTLS` (and fail if the server refuses).
+    pub tls: bool,
 }
 
 impl NegotiateOptions {
     pub fn new(export: impl Into<String>) -> Self {
-        NegotiateOptions { export: export.into(), extended_headers: true, structured_replies: true, block_status: true }
+        NegotiateOptions {
+            export: export.into(),
+            extended_headers: true,
+            structured_replies: true,
+            block_status: true,
+            tls: false,
+        }
     }
 }
 
@@ -88,8 +102,10 @@ pub enum NegotiationError {
     Oldstyle,
     #[error("the server has no export named {name:?}: {message}")]
     UnknownExport { name: String, message: String },
-    #[error("the server requires TLS, which is not supported yet: {0}")]
+    #[error("the server requires TLS (use an nbds:// or nbds+unix:// URI): {0}")]
     TlsRequired(String),
+    #[error("the server refused TLS (NBD_OPT_STARTTLS): {0}")]
+    TlsRefused(String),
     #[error("the server is shutting down: {0}")]
     ShuttingDown(String),
     #[error("the server refused {option}: {message} (error {code:#x})")]
@@ -104,6 +120,10 @@ pub enum Action {
     /// Write the output, then read exactly `len` bytes: the reply to
     /// `NBD_OPT_EXPORT_NAME`.
     ReadExportNameReply { len: usize },
+    /// Write the output (nothing, in practice), then run the TLS client
+    /// handshake on the stream and call
+    /// [`ClientNegotiation::tls_established`].
+    StartTls,
     /// The handshake is over; transmission starts.
     Done(Box<ExportInfo>),
 }
@@ -111,6 +131,8 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
     Start,
+    StartTls,
+    TlsHandshake,
     ExtendedHeaders,
     StructuredReply,
     MetaContext,
@@ -254,8 +276,25 @@ impl ClientNegotiation {
         }
         out.put_u32(client_flags);
         if !fixed {
+            if self.opts.tls {
+                return Err(NegotiationError::TlsRefused(
+                    "the server does not speak fixed newstyle, so it cannot do STARTTLS".into(),
+                ));
+            }
             // Plain newstyle: EXPORT_NAME is the only option there is.
             return Ok(self.send_export_name(out));
+        }
+        if self.opts.tls {
+            return Ok(self.send(out, Pending::StartTls, OPT_STARTTLS, &[]));
+        }
+        Ok(self.after_start(out))
+    }
+
+    /// The TLS handshake that [`Action::StartTls`] asked for succeeded;
+    /// option haggling continues (over TLS).
+    pub fn tls_established(&mut self, out: &mut BytesMut) -> Result<Action, NegotiationError> {
+        if self.pending != Pending::TlsHandshake {
+            return protocol("TLS established when no STARTTLS was acknowledged");
         }
         Ok(self.after_start(out))
     }
@@ -305,6 +344,7 @@ impl ClientNegotiation {
 
     fn pending_option(&self) -> Option<u32> {
         Some(match self.pending {
+            Pending::StartTls => OPT_STARTTLS,
             Pending::ExtendedHeaders => OPT_EXTENDED_HEADERS,
             Pending::StructuredReply => OPT_STRUCTURED_REPLY,
             Pending::MetaContext => OPT_SET_META_CONTEXT,
@@ -324,7 +364,25 @@ impl ClientNegotiation {
         }
         let is_error = typ & (1 << 31) != 0;
         let message = || String::from_utf8_lossy(data).into_owned();
+        if typ == REP_ERR_TLS_REQD && self.pending != Pending::StartTls {
+            return Err(NegotiationError::TlsRequired(message()));
+        }
         match self.pending {
+            Pending::StartTls => match typ {
+                REP_ACK => {
+                    if !data.is_empty() {
+                        return protocol(format!("NBD_REP_ACK with {} bytes of payload", data.len()));
+                    }
+                    self.pending = Pending::TlsHandshake;
+                    Ok(Action::StartTls)
+                }
+                REP_ERR_POLICY | REP_ERR_UNSUP => {
+                    let m = message();
+                    Err(NegotiationError::TlsRefused(if m.is_empty() { "no reason given".into() } else { m }))
+                }
+                t if is_error => Err(NegotiationError::Refused { option: "NBD_OPT_STARTTLS", code: t, message: message() }),
+                t => protocol(format!("unexpected reply type {t} to NBD_OPT_STARTTLS")),
+            },
             Pending::ExtendedHeaders | Pending::StructuredReply => {
                 let extended = self.pending == Pending::ExtendedHeaders;
                 match typ {

@@ -4,8 +4,14 @@
 //! - `nbd://host[:port]/export` — TCP, port 10809 by default; IPv6 hosts in
 //!   brackets (`nbd://[::1]:10809/disk`).
 //! - `nbd+unix:///export?socket=/path` — a unix socket.
-//! - `nbds://…`, `nbds+unix://…` — recognised, but connecting fails with
-//!   "TLS not supported yet".
+//! - `nbds://host[:port]/export`, `nbds+unix:///export?socket=/path` — the
+//!   same over TLS (`NBD_OPT_STARTTLS`). As in libnbd,
+//!   `tls-certificates=DIR` names a directory holding `ca-cert.pem` (the CA
+//!   the server's certificate must chain to) and, for client
+//!   authentication, `client-cert.pem` and `client-key.pem`;
+//!   `tls-hostname=NAME` overrides the name the server certificate is
+//!   checked against (default: the host, or `localhost` for unix sockets).
+//!   Other `tls-*` parameters are accepted and ignored.
 //!
 //! The export name is the path without its leading `/`, percent-decoded;
 //! an empty name asks for the server's default export.
@@ -42,17 +48,39 @@ pub struct NbdUri {
     pub export: String,
     /// `nbds` / `nbds+unix`: the server is to be reached over TLS.
     pub tls: bool,
+    /// `tls-certificates=DIR`: `ca-cert.pem`, optionally `client-cert.pem`
+    /// and `client-key.pem`.
+    pub tls_certificates: Option<PathBuf>,
+    /// `tls-hostname=NAME`: the name to check the server certificate against.
+    pub tls_hostname: Option<String>,
 }
 
 impl NbdUri {
     /// A TCP target.
     pub fn tcp(host: impl Into<String>, port: u16, export: impl Into<String>) -> Self {
-        NbdUri { address: Address::Tcp { host: host.into(), port }, export: export.into(), tls: false }
+        NbdUri { address: Address::Tcp { host: host.into(), port }, export: export.into(), tls: false, tls_certificates: None, tls_hostname: None }
+    }
+
+    /// The same target over TLS, trusting the certificates in `dir` (see
+    /// [`NbdUri::tls_certificates`]).
+    pub fn with_tls(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.tls = true;
+        self.tls_certificates = Some(dir.into());
+        self
+    }
+
+    /// The name the server's certificate must carry.
+    pub fn tls_server_name(&self) -> String {
+        match (&self.tls_hostname, &self.address) {
+            (Some(h), _) => h.clone(),
+            (None, Address::Tcp { host, .. }) => host.clone(),
+            (None, Address::Unix(_)) => "localhost".to_string(),
+        }
     }
 
     /// A unix socket target.
     pub fn unix(path: impl Into<PathBuf>, export: impl Into<String>) -> Self {
-        NbdUri { address: Address::Unix(path.into()), export: export.into(), tls: false }
+        NbdUri { address: Address::Unix(path.into()), export: export.into(), tls: false, tls_certificates: None, tls_hostname: None }
     }
 }
 
@@ -60,9 +88,20 @@ impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = if self.tls { "s" } else { "" };
         let export = percent_encode(&self.export);
+        let mut query = Vec::new();
+        if let Address::Unix(p) = &self.address {
+            query.push(format!("socket={}", p.display()));
+        }
+        if let Some(d) = &self.tls_certificates {
+            query.push(format!("tls-certificates={}", d.display()));
+        }
+        if let Some(h) = &self.tls_hostname {
+            query.push(format!("tls-hostname={h}"));
+        }
+        let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
         match &self.address {
-            Address::Tcp { .. } => write!(f, "nbd{s}://{}/{export}", self.address),
-            Address::Unix(p) => write!(f, "nbd{s}+unix:///{export}?socket={}", p.display()),
+            Address::Tcp { .. } => write!(f, "nbd{s}://{}/{export}{query}", self.address),
+            Address::Unix(_) => write!(f, "nbd{s}+unix:///{export}{query}"),
         }
     }
 }
@@ -99,12 +138,19 @@ impl FromStr for NbdUri {
         };
         let export = percent_decode(path).ok_or_else(|| err("bad percent-encoding in the export name"))?;
         let mut socket = None;
+        let mut tls_certificates = None;
+        let mut tls_hostname = None;
         for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v).ok_or_else(|| err("bad percent-encoding in the query"))?;
             match k {
                 "socket" => socket = Some(v),
+                "tls-certificates" if tls => tls_certificates = Some(PathBuf::from(v)),
+                "tls-hostname" if tls => tls_hostname = Some(v),
                 _ if k.starts_with("tls-") && tls => {}
+                _ if k.starts_with("tls-") => {
+                    return Err(err(&format!("{k} only goes with nbds:// or nbds+unix:// (TLS)")))
+                }
                 _ => return Err(err(&format!("unsupported query parameter {k:?}"))),
             }
         }
@@ -142,7 +188,7 @@ impl FromStr for NbdUri {
             };
             Address::Tcp { host, port }
         };
-        Ok(NbdUri { address, export, tls })
+        Ok(NbdUri { address, export, tls, tls_certificates, tls_hostname })
     }
 }
 
@@ -209,6 +255,16 @@ mod tests {
         assert!(u.tls);
         let u: NbdUri = "nbds+unix:///x?socket=/s&tls-verify-peer=false".parse().unwrap();
         assert!(u.tls);
+        assert_eq!(u.tls_server_name(), "localhost");
+        let u: NbdUri = "nbds://127.0.0.1:99/x?tls-certificates=/etc/pki/a%20b".parse().unwrap();
+        assert_eq!(u, NbdUri::tcp("127.0.0.1", 99, "x").with_tls("/etc/pki/a b"));
+        assert_eq!(u.tls_server_name(), "127.0.0.1");
+        assert_eq!(u.to_string(), "nbds://127.0.0.1:99/x?tls-certificates=/etc/pki/a b");
+        let u: NbdUri = "nbds+unix:///x?socket=/s&tls-certificates=/d&tls-hostname=srv".parse().unwrap();
+        assert_eq!(u.tls_certificates.as_deref(), Some(std::path::Path::new("/d")));
+        assert_eq!(u.tls_server_name(), "srv");
+        assert_eq!(u.to_string().parse::<NbdUri>().unwrap(), u);
+        assert!("nbd://h/x?tls-certificates=/d".parse::<NbdUri>().is_err());
         for bad in ["http://h/x", "nbd:/h", "nbd://h:99999/x", "nbd://h/x?foo=1", "nbd://[::1/x", "nbd://h/%zz"] {
             assert!(bad.parse::<NbdUri>().is_err(), "{bad} should not parse");
         }

@@ -20,6 +20,7 @@
 pub mod fuse;
 pub mod json;
 pub mod raw;
+pub mod pki;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
