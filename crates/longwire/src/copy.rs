@@ -20,6 +20,7 @@ use longwire_nbd::client::{ClientConfig, NbdVolume};
 use tokio::task::JoinSet;
 
 use crate::cli::CopyArgs;
+use crate::units::human_size;
 
 /// Largest piece read and written at once.
 const CHUNK: u64 = 4 << 20;
@@ -122,8 +123,8 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
                 let pct = if total_data == 0 { 100.0 } else { done as f64 * 100.0 / total_data as f64 };
                 eprint!(
                     "\rcopied {} of {} data ({pct:.0}%), {:.1} MB/s   ",
-                    human(done),
-                    human(total_data),
+                    human_size(done),
+                    human_size(total_data),
                     done as f64 / secs / 1e6
                 );
                 let _ = std::io::stderr().flush();
@@ -167,7 +168,7 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     if let Some(p) = progress {
         p.abort();
         let done = counters.read.load(Ordering::Relaxed);
-        eprintln!("\rcopied {} of {} data                    ", human(done), human(total_data));
+        eprintln!("\rcopied {} of {} data                    ", human_size(done), human_size(total_data));
     }
     if let Some(e) = failure {
         return Err(e.context(format!("copying {} to {}", args.src, args.dst)));
@@ -181,7 +182,7 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     eprintln!(
         "copied {} ({size} bytes) from {} to {}: {read} bytes read, {skipped} bytes of holes skipped, \
          {zeroed} bytes zeroed on the destination, in {secs:.2} s ({:.1} MB/s)",
-        human(size),
+        human_size(size),
         args.src,
         args.dst,
         read as f64 / secs.max(1e-6) / 1e6
@@ -240,19 +241,4 @@ async fn zero_where_needed(dst: &dyn Volume, pos: u64, len: u64, c: &Counters) -
         }
     }
     Ok(())
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

@@ -12,6 +12,7 @@ mod config;
 mod copy;
 mod iscsi;
 mod serve;
+mod units;
 
 use clap::Parser;
 

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::cli::ServeArgs;
+use crate::units::human_size;
 use crate::config::{Config, ExportConfig, ExportSource};
 
 /// How long sessions get to finish after a shutdown signal.
@@ -346,20 +347,5 @@ async fn flush_all(registry: &ExportRegistry) {
             Ok(Err(err)) => error!(export = %e.name, "flush at shutdown failed: {err}"),
             Err(_) => error!(export = %e.name, "flush at shutdown timed out"),
         }
-    }
-}
-
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
     }
 }
