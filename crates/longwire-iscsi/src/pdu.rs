@@ -1106,7 +1106,7 @@ impl Pdu {
                     ahs.put_u8(ahs::EXTENDED_CDB);
                     ahs.put_u8(0);
                     ahs.put_slice(ext);
-                    while ahs.len() % 4 != 0 {
+                    while !ahs.len().is_multiple_of(4) {
                         ahs.put_u8(0);
                     }
                 }

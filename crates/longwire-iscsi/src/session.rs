@@ -200,7 +200,7 @@ impl Shared {
         let matching: Vec<u32> = st
             .tasks
             .iter()
-            .filter(|(i, t)| itt.map_or(true, |x| x == **i) && lun.map_or(true, |l| l == t.lun) && !t.aborted)
+            .filter(|(i, t)| itt.is_none_or(|x| x == **i) && lun.is_none_or(|l| l == t.lun) && !t.aborted)
             .map(|(i, _)| *i)
             .collect();
         let mut waits = Vec::new();
