@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use longwire_core::{Capabilities, Export, ExportRegistry};
 
+use crate::limits::{ExportLimits, ExportPermit};
 use crate::proto::*;
 use crate::tls::{TlsMode, TlsPolicy};
 use tracing::info;
@@ -65,6 +66,9 @@ pub struct Negotiated {
     pub base_allocation: bool,
     /// Transmission flags as sent to the client.
     pub flags: u16,
+    /// The connection's slot of the export's connection limit; held for as
+    /// long as the session lasts.
+    pub permit: Arc<ExportPermit>,
 }
 
 /// What the driver should do after an option has been handled.
@@ -122,6 +126,8 @@ pub struct Handshake {
     tls_active: bool,
     /// Common Name of the verified client certificate, if any.
     peer_cn: Option<String>,
+    /// Per-export connection limits (None: unlimited).
+    limits: Option<Arc<ExportLimits>>,
 }
 
 impl Handshake {
@@ -133,6 +139,27 @@ impl Handshake {
     /// A handshake applying a TLS policy.
     pub fn with_tls(policy: Arc<TlsPolicy>) -> Self {
         Handshake { tls: policy, ..Self::default() }
+    }
+
+    /// Apply per-export connection limits: GO and EXPORT_NAME take a slot
+    /// (carried in [`Negotiated::permit`]); a full export is refused with
+    /// NBD_REP_ERR_POLICY (GO/INFO) or a disconnect (EXPORT_NAME).
+    pub fn set_limits(&mut self, limits: Arc<ExportLimits>) {
+        self.limits = Some(limits);
+    }
+
+    /// A slot of `export`, or the refusal message when it is full.
+    fn permit(&self, export: &str, take: bool) -> Result<ExportPermit, String> {
+        let Some(limits) = &self.limits else { return Ok(ExportPermit::unlimited()) };
+        let full = |cap| format!("export {export} has reached its connection limit ({cap})");
+        if take {
+            limits.acquire(export).map_err(full)
+        } else {
+            match limits.full(export) {
+                Some(cap) => Err(full(cap)),
+                None => Ok(ExportPermit::unlimited()),
+            }
+        }
     }
 
     /// The driver finished the TLS handshake after [`Step::StartTls`];
@@ -268,7 +295,14 @@ impl Handshake {
             info!("refused: {msg}");
             return Step::Close;
         }
-        let negotiated = self.negotiated(export, name);
+        let permit = match self.permit(&export.name, true) {
+            Ok(p) => p,
+            Err(msg) => {
+                info!("refused: {msg}");
+                return Step::Close;
+            }
+        };
+        let negotiated = self.negotiated(export, name, permit);
         out.put_u64(export.volume.size());
         out.put_u16(negotiated.flags);
         if !self.no_zeroes {
@@ -277,7 +311,7 @@ impl Handshake {
         Step::Transmit(Box::new(negotiated))
     }
 
-    fn negotiated(&self, export: &Export, requested_name: &str) -> Negotiated {
+    fn negotiated(&self, export: &Export, requested_name: &str, permit: ExportPermit) -> Negotiated {
         let base_allocation = match &self.meta {
             Some((meta_name, selected)) => *selected && meta_name == requested_name,
             None => false,
@@ -288,6 +322,7 @@ impl Handshake {
             extended: self.extended,
             base_allocation,
             flags: transmission_flags(&export.volume.capabilities(), self.structured),
+            permit: Arc::new(permit),
         }
     }
 
@@ -317,7 +352,16 @@ impl Handshake {
             reply_err(out, opt, typ, &msg);
             return Step::Continue;
         }
-        let negotiated = self.negotiated(export, name);
+        // GO takes a slot (held by the session); INFO only looks.
+        let permit = match self.permit(&export.name, opt == OPT_GO) {
+            Ok(p) => p,
+            Err(msg) => {
+                info!("refused: {msg}");
+                reply_err(out, opt, REP_ERR_POLICY, &msg);
+                return Step::Continue;
+            }
+        };
+        let negotiated = self.negotiated(export, name, permit);
         let caps = export.volume.capabilities();
 
         let mut d = BytesMut::with_capacity(12);

@@ -5,10 +5,12 @@
 
 pub mod client;
 pub mod handshake;
+pub mod limits;
 pub mod proto;
 pub mod server;
 pub mod tls;
 pub mod transmission;
 
+pub use limits::{ExportLimits, ExportPermit};
 pub use server::{NbdServer, ServerConfig};
 pub use tls::{NbdTls, TlsMode, TlsPolicy};

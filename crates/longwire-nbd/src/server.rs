@@ -22,8 +22,9 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::Either;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::handshake::{self, Handshake, Negotiated, Step};
+use crate::limits::ExportLimits;
 use crate::proto::*;
 use crate::tls::{subject_common_name, NbdTls};
 use crate::transmission::*;
@@ -50,7 +52,18 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// TLS (STARTTLS) settings; None: TLS is off.
     pub tls: Option<NbdTls>,
+    /// Most NBD connections at once, server-wide (0: unlimited). Beyond
+    /// it, new connections are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Per-export connection caps, enforced by the handshake (None: none).
+    pub export_limits: Option<Arc<ExportLimits>>,
+    /// Close a connection in transmission that has had no request in
+    /// flight and sent no byte for this long (None: never).
+    pub idle_timeout: Option<Duration>,
 }
+
+/// Default of [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -59,6 +72,9 @@ impl Default for ServerConfig {
             max_in_flight: 128,
             shutdown_grace: Duration::from_millis(500),
             tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            export_limits: None,
+            idle_timeout: None,
         }
     }
 }
@@ -68,16 +84,69 @@ pub struct NbdServer {
     registry: Arc<ExportRegistry>,
     config: ServerConfig,
     shutdown: CancellationToken,
+    /// Connections being served now (for `max_connections`).
+    active: Arc<AtomicUsize>,
+    /// When a refusal was last logged, and how many went unlogged since.
+    refusal_log: Mutex<(Option<Instant>, u64)>,
 }
+
+/// A connection's place in the server-wide count; freed on drop.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// At most one "connection limit reached" warning per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl NbdServer {
     pub fn new(registry: Arc<ExportRegistry>, config: ServerConfig, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(NbdServer { registry, config, shutdown })
+        Arc::new(NbdServer {
+            registry,
+            config,
+            shutdown,
+            active: Arc::default(),
+            refusal_log: Mutex::new((None, 0)),
+        })
+    }
+
+    /// NBD connections being served now.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Count a new connection in, unless the server is at `max_connections`.
+    fn admit(&self, peer: &str) -> Option<ConnectionSlot> {
+        let max = self.config.max_connections;
+        let n = self.active.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnectionSlot(self.active.clone());
+        if max == 0 || n < max {
+            return Some(slot);
+        }
+        drop(slot);
+        let mut log = self.refusal_log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if log.0.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL) {
+            let more = match log.1 {
+                0 => String::new(),
+                k => format!(" ({k} more refused since the last warning)"),
+            };
+            warn!(%peer, "connection limit reached ({max} connections); closing the new connection{more}");
+            *log = (Some(now), 0);
+        } else {
+            log.1 += 1;
+        }
+        None
     }
 
     /// Run one client connection to completion. Never panics on bad input:
     /// protocol violations end the session, I/O errors are logged.
     pub async fn serve_connection<S: Connection>(self: Arc<Self>, stream: S, peer: String) {
+        // Over the server-wide limit: dropping the stream closes it.
+        let Some(_slot) = self.admit(&peer) else { return };
         let negotiation = tokio::select! {
             r = tokio::time::timeout(
                 self.config.handshake_timeout,
@@ -127,7 +196,12 @@ impl NbdServer {
             Some(tls) => Handshake::with_tls(tls.policy.clone()),
             None => Handshake::new(),
         };
-        let mut rd = BufReader::with_capacity(256 * 1024, stream);
+        if let Some(limits) = &self.config.export_limits {
+            hs.set_limits(limits.clone());
+        }
+        // Small: handshakes are small, and many may be pending at once
+        // (bigger option payloads bypass the buffer).
+        let mut rd = BufReader::with_capacity(HANDSHAKE_BUF, stream);
         rd.write_all(&handshake::greeting()).await?;
         let flags = rd.read_u32().await?;
         hs.client_flags(flags).map_err(invalid)?;
@@ -158,7 +232,7 @@ impl NbdServer {
             .and_then(|c| subject_common_name(c));
         debug!(%peer, client = cn.as_deref().unwrap_or("-"), "TLS established");
         hs.tls_established(cn.clone());
-        let mut rd = BufReader::with_capacity(256 * 1024, stream);
+        let mut rd = BufReader::with_capacity(HANDSHAKE_BUF, stream);
         match self.options(&mut rd, &mut hs).await? {
             Some(OptionsEnd::Transmit(n)) => Ok(Negotiation::Tls(Box::new(rd), n, cn)),
             None => Ok(Negotiation::Refused),
@@ -223,6 +297,9 @@ impl NbdServer {
         let mut shutting_down = false;
         // Written bytes may sit in a buffering writer (TLS) until flushed.
         let mut unflushed = false;
+        // Last byte received or request completed (for the idle timeout).
+        let mut last_activity = tokio::time::Instant::now();
+        let idle_timeout = self.config.idle_timeout.filter(|d| !d.is_zero());
 
         loop {
             // Start every request already buffered, within the bounds.
@@ -278,12 +355,16 @@ impl NbdServer {
                 break;
             }
             let can_read = reading && has_room(inflight.len(), inflight_bytes, &out);
-            let idle = inflight.is_empty() && out.is_empty() && !unflushed && decoder.is_idle(rbuf.len());
+            // Nothing owed to the client. A half-received request does not
+            // keep a connection from the idle timeout (a stalled sender).
+            let quiet = inflight.is_empty() && out.is_empty() && !unflushed;
+            let idle = quiet && decoder.is_idle(rbuf.len());
             if can_read {
                 rbuf.reserve(decoder.wanted(rbuf.len()).clamp(READ_BUF / 4, READ_BUF));
             }
             tokio::select! {
                 Some((reply, cost)) = inflight.next(), if !inflight.is_empty() => {
+                    last_activity = tokio::time::Instant::now();
                     inflight_bytes -= cost;
                     out.extend(reply);
                 }
@@ -296,6 +377,7 @@ impl NbdServer {
                     }
                 },
                 r = rd.read_buf(&mut rbuf), if can_read => {
+                    last_activity = tokio::time::Instant::now();
                     if r? == 0 {
                         reading = false;
                         if !decoder.is_idle(rbuf.len()) {
@@ -311,6 +393,12 @@ impl NbdServer {
                     debug!(%peer, "closing idle connection for shutdown");
                     break;
                 }
+                _ = async { tokio::time::sleep_until(last_activity + idle_timeout.unwrap_or_default()).await },
+                    if idle_timeout.is_some() && quiet && reading && !shutting_down =>
+                {
+                    info!(%peer, export = %n.export.name, "closing connection idle for {:?}", idle_timeout.unwrap_or_default());
+                    break;
+                }
             }
         }
         let _ = wr.shutdown().await;
@@ -318,6 +406,8 @@ impl NbdServer {
     }
 }
 
+/// Read buffer of a connection during the handshake.
+const HANDSHAKE_BUF: usize = 8 * 1024;
 /// Requests moving at least this much data run as their own task.
 const SPAWN_THRESHOLD: u64 = 128 * 1024;
 /// Bytes of socket data read at a time.

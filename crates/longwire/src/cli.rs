@@ -227,6 +227,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
 
+    /// Most NBD connections served at once; beyond it new connections are
+    /// closed as soon as they are accepted (0: unlimited) [default: 1024].
+    /// Per-export caps: `max_connections` in an [[export]] of --config.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Close an NBD connection that has had no request in flight and sent
+    /// nothing for SECS seconds (0: never) [default: 0].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+
     /// Threads doing blocking file I/O (writes, syncs, uncached reads) for
     /// all file volumes [default: 4].
     #[arg(long, value_name = "N")]

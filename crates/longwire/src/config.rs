@@ -21,6 +21,10 @@ pub struct Config {
     pub handshake_timeout: Option<u64>,
     /// Requests in flight per connection.
     pub max_in_flight: Option<usize>,
+    /// Most NBD connections at once, server-wide (0: unlimited).
+    pub max_connections: Option<usize>,
+    /// Seconds an NBD connection may sit idle in transmission (0: forever).
+    pub idle_timeout: Option<u64>,
     /// Threads doing blocking file I/O.
     pub io_threads: Option<usize>,
     /// TCP addresses to listen on for iSCSI.
@@ -101,6 +105,10 @@ pub struct ExportConfig {
     /// Common Names (`"CN=name"`) may use this export.
     #[serde(default)]
     pub tls_allow: Vec<String>,
+    /// Most NBD connections using this export at once (None: no cap
+    /// beyond the server-wide one).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 /// A size in the config file: a number of bytes or a string such as `"64K"`
@@ -218,6 +226,12 @@ impl Config {
         if args.io_threads.is_some() {
             cfg.io_threads = args.io_threads;
         }
+        if args.max_connections.is_some() {
+            cfg.max_connections = args.max_connections;
+        }
+        if args.idle_timeout.is_some() {
+            cfg.idle_timeout = args.idle_timeout;
+        }
         if !args.iscsi.is_empty() {
             if args.no_iscsi {
                 bail!("--iscsi and --no-iscsi contradict each other");
@@ -242,6 +256,9 @@ impl Config {
         }
         if cfg.max_in_flight == Some(0) {
             bail!("max_in_flight must be at least 1");
+        }
+        if let Some(e) = cfg.exports.iter().find(|e| e.max_connections == Some(0)) {
+            bail!("export {:?}: max_connections must be at least 1", e.name);
         }
         if cfg.io_threads == Some(0) {
             bail!("io_threads must be at least 1");
@@ -334,6 +351,8 @@ mod tests {
             config: None,
             handshake_timeout: None,
             max_in_flight: None,
+            max_connections: None,
+            idle_timeout: None,
             io_threads: None,
             iscsi: vec![],
             no_iscsi: false,

@@ -5,6 +5,7 @@
 //! requests get ESHUTDOWN), flush every volume, exit. Bounded in time so a
 //! stalled client cannot hold the process hostage.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use longwire_core::layers::{Concat, ReadOnly, Stripe};
 use longwire_core::{Export, ExportRegistry, Volume};
 use longwire_iscsi::backend::{build_target, LunVolume};
 use longwire_iscsi::{IscsiConfig, IscsiServer};
-use longwire_nbd::{NbdServer, NbdTls, ServerConfig, TlsMode, TlsPolicy};
+use longwire_nbd::{ExportLimits, NbdServer, NbdTls, ServerConfig, TlsMode, TlsPolicy};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +55,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         server_cfg.max_in_flight = n;
     }
     server_cfg.tls = tls;
+    if let Some(n) = cfg.max_connections {
+        server_cfg.max_connections = n;
+    }
+    if let Some(secs) = cfg.idle_timeout.filter(|s| *s > 0) {
+        server_cfg.idle_timeout = Some(Duration::from_secs(secs));
+    }
+    let caps: HashMap<String, usize> = cfg.exports.iter().filter_map(|e| Some((e.name.clone(), e.max_connections?))).collect();
+    for (export, n) in &caps {
+        info!(%export, "export {export:?} is limited to {n} NBD connections at once");
+    }
+    if !caps.is_empty() {
+        server_cfg.export_limits = Some(ExportLimits::new(caps));
+    }
     let shutdown = CancellationToken::new();
     let sessions = TaskTracker::new();
     let nbd = NbdServer::new(registry.clone(), server_cfg, shutdown.clone());
