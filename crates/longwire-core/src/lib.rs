@@ -10,9 +10,11 @@ mod error;
 mod export;
 mod extent;
 pub mod layers;
+mod status;
 mod volume;
 
 pub use error::{VolumeError, VolumeResult};
 pub use export::{Export, ExportRegistry};
 pub use extent::{Extent, ExtentKind, ReadSegment};
+pub use status::{Gauge, LayerStatus};
 pub use volume::{check_range, Capabilities, Volume, ZeroFlags};

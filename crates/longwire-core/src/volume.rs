@@ -1,7 +1,7 @@
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use crate::{Extent, ExtentKind, ReadSegment, VolumeError, VolumeResult};
+use crate::{Extent, ExtentKind, LayerStatus, ReadSegment, VolumeError, VolumeResult};
 
 /// What a volume can do. Front-ends advertise exactly this and nothing more,
 /// so every flag here is a promise the implementation keeps.
@@ -133,6 +133,13 @@ pub trait Volume: Send + Sync + 'static {
     async fn extents(&self, offset: u64, len: u64) -> VolumeResult<Vec<Extent>> {
         let _ = offset;
         Ok(vec![Extent::new(len, ExtentKind::Data)])
+    }
+
+    /// State of the layers and store under this volume, outermost first
+    /// (see [`LayerStatus`]). Layers put their own entry before their inner
+    /// volume's. The default has nothing to report.
+    fn status(&self) -> Vec<LayerStatus> {
+        Vec::new()
     }
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 
-use crate::{check_range, Capabilities, Extent, ReadSegment, Volume, VolumeError, VolumeResult, ZeroFlags};
+use crate::{check_range, Capabilities, Extent, LayerStatus, ReadSegment, Volume, VolumeError, VolumeResult, ZeroFlags};
 
 /// The share of one request that lands on one part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,10 @@ impl<L: Layout> Volume for Composite<L> {
 
     fn capabilities(&self) -> Capabilities {
         self.caps
+    }
+
+    fn status(&self) -> Vec<LayerStatus> {
+        self.parts.iter().flat_map(|p| p.status()).collect()
     }
 
     async fn read(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Capabilities, Extent, ReadSegment, Volume, VolumeError, VolumeResult, ZeroFlags};
+use crate::{Capabilities, Extent, LayerStatus, ReadSegment, Volume, VolumeError, VolumeResult, ZeroFlags};
 
 /// Serves a volume read-only: reads pass through, every change is refused
 /// with [`VolumeError::ReadOnly`].
@@ -31,6 +31,10 @@ impl Volume for ReadOnly {
             can_fast_zero: false,
             ..self.inner.capabilities()
         }
+    }
+
+    fn status(&self) -> Vec<LayerStatus> {
+        self.inner.status()
     }
 
     async fn read(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {
