@@ -8,6 +8,13 @@ docs/BENCHMARKS.md. Each run starts a fresh server, so peak RSS is per
 workload; server CPU time comes from /proc (the whole process tree, so
 forking servers are counted fully).
 
+The "stores" workloads run the same fio jobs against longwire itself with
+each store behind the export (file, sqlite, memory, and s3 when
+LONGWIRE_BENCH_S3_URI names a volume URI), for the Stores table.
+
+A run limited with --only or --servers keeps every other table from the
+saved docs/BENCHMARKS.json, so `bench/run --only stores` refreshes one table.
+
 Started by bench/run, which installs the tools and builds longwire.
 """
 
@@ -43,7 +50,7 @@ class Workload:
     iodepth: int
     jobs: int = 1
     mix: int | None = None  # rwmixread percentage for randrw
-    store: str = "file"  # file or memory
+    store: str = "file"  # file, memory, or stores (longwire's own stores)
 
     def fio_args(self):
         a = [f"--rw={self.rw}", f"--bs={self.bs}", f"--iodepth={self.iodepth}", f"--numjobs={self.jobs}"]
@@ -73,6 +80,15 @@ def memory_workloads():
     return [
         Workload("memory 4k randread QD32", "randread", "4k", 32, store="memory"),
         Workload("memory 4k randwrite QD32", "randwrite", "4k", 32, store="memory"),
+    ]
+
+
+def store_workloads():
+    """The same three jobs against every longwire store (the Stores table)."""
+    return [
+        Workload("stores 4k randwrite QD32", "randwrite", "4k", 32, store="stores"),
+        Workload("stores 1M seqread QD8", "read", "1M", 8, store="stores"),
+        Workload("stores 1M seqwrite QD8", "write", "1M", 8, store="stores"),
     ]
 
 
@@ -110,6 +126,56 @@ class Longwire(Server):
         e = dict(os.environ)
         e["RUST_LOG"] = "warn"
         return e
+
+
+class LongwireStore(Longwire):
+    """longwire serving the benchmark volume from one of its stores. Every
+    store starts with the same 1 GiB of random data: its own image
+    (stores.img, since the iSCSI write runs fill bench.img with zeros, which
+    sqlite would store as holes), copied once into sqlite (stores.db, kept)
+    and s3; memory is filled per run."""
+
+    def __init__(self, kind, settings):
+        super().__init__(f"store {kind}", settings, ("stores",))
+        self.kind = kind
+        self.prepared = False
+
+    @staticmethod
+    def image(shared_image):
+        return os.path.join(os.path.dirname(shared_image), "stores.img")
+
+    def uri(self, image):
+        if self.kind == "file":
+            return f"file:{image}"
+        if self.kind == "sqlite":
+            return f"sqlite:{os.path.join(os.path.dirname(image), 'stores.db')}?volume=bench"
+        if self.kind == "memory":
+            return f"memory:?size={IMAGE_SIZE}"
+        return os.environ["LONGWIRE_BENCH_S3_URI"]
+
+    def prepare(self, image):
+        """Copy the image into a persistent store unless it is there already
+        (sqlite: kept between runs in the image directory)."""
+        make_image(image)
+        if self.prepared or self.kind in ("file", "memory"):
+            return
+        uri = self.uri(image)
+        have = subprocess.run([LONGWIRE, "info", uri], capture_output=True).returncode == 0
+        if self.kind == "s3" or not have:
+            print(f"filling {uri} from {image}", file=sys.stderr)
+            if not have:
+                subprocess.run([LONGWIRE, "create", uri, "--size", str(IMAGE_SIZE)], check=True,
+                               stdout=subprocess.DEVNULL)
+            subprocess.run([LONGWIRE, "copy", f"file:{image}", uri, "--no-progress"], check=True)
+        self.prepared = True
+
+    def argv(self, port, image, store, tmp):
+        image = self.image(image)
+        self.prepare(image)
+        return [LONGWIRE, "serve", "--export", f"bench={self.uri(image)}", "--listen", f"127.0.0.1:{port}"]
+
+    def needs_prefill(self):
+        return self.kind == "memory"
 
 
 class Nbdkit(Server):
@@ -169,6 +235,13 @@ SERVERS = [
     Nbdkit("nbdkit memory", "memory plugin, --threads 16", "memory"),
     Nbdkit("nbdkit null", "null plugin (protocol ceiling), --threads 16", "null"),
 ]
+
+STORE_SERVERS = [
+    LongwireStore("file", "raw image on the local file system (page cache)"),
+    LongwireStore("sqlite", "one SQLite database, 64 KiB chunks, no compression, WAL"),
+    LongwireStore("memory", "sparse RAM, 64 KiB chunks"),
+] + ([LongwireStore("s3", "LONGWIRE_BENCH_S3_URI: " + os.environ["LONGWIRE_BENCH_S3_URI"])]
+     if os.environ.get("LONGWIRE_BENCH_S3_URI") else [])
 
 
 # -------------------------------------------------------------------- iSCSI
@@ -418,7 +491,8 @@ def run_once(server, wl, image, tmp, runtime, ramp):
         wait_port(port, proc, daemonizes=daemon)
         pid = server.daemon_pid(tmp) or proc.pid
         uri = f"nbd://127.0.0.1:{port}/{server.export()}"
-        if wl.store == "memory" and server.name != "nbdkit null":
+        if (wl.store == "memory" and server.name != "nbdkit null") or \
+                (isinstance(server, LongwireStore) and server.needs_prefill()):
             prefill(uri)
         sampler = Sampler(pid)
         sampler.start()
@@ -504,7 +578,9 @@ def report(results, workloads, args, elapsed):
         "Generated by `bench/run` — do not edit by hand; re-run to refresh.",
         "",
         f"- Machine: {machine()}",
-        f"- Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip()
+        + (" (refreshed only its own cells; the others are kept from the earlier full run)"
+           if args.only or args.servers else ""),
         f"- Each cell: median of {args.reps} interleaved runs of {args.runtime} s (after {args.ramp} s ramp), "
         f"fio's `nbd` engine (libnbd) over TCP loopback, a fresh server per run, the same 1 GiB image of random data.",
         "- CPU s/GiB: server CPU time (user+system, whole process tree, from /proc) per GiB moved.",
@@ -520,7 +596,10 @@ def report(results, workloads, args, elapsed):
     lines += ["", "| server | settings |", "|---|---|"]
     for s in SERVERS + ISCSI_SERVERS:
         lines.append(f"| {s.name} | {s.settings} |")
+    lines += stores_table(results, [w for w in workloads if w.store == "stores"])
     for wl in workloads:
+        if wl.store == "stores":
+            continue
         cells = {s: c for (w, s), c in results.items() if w == wl.name and c.runs}
         if not cells:
             continue
@@ -546,6 +625,61 @@ def report(results, workloads, args, elapsed):
     return "\n".join(lines)
 
 
+def stores_table(results, workloads):
+    """One row per longwire store: the same jobs through NBD, side by side."""
+    names = [s.name for s in STORE_SERVERS]
+    names += sorted({s for (_, s) in results if s.startswith("store ") and s not in names})
+    rows = []
+    for name in names:
+        cells = [results.get((w.name, name)) for w in workloads]
+        if not any(c and c.runs for c in cells):
+            continue
+        row = [name.removeprefix("store ")]
+        cpu, rss = [], []
+        for w, c in zip(workloads, cells):
+            if not (c and c.runs):
+                row.append("–")
+                cpu.append("–")
+                continue
+            row.append(f"{fmt(c.median('iops'))} IOPS" if w.bs == "4k" else f"{fmt(c.median('mbps'), 1)} MB/s")
+            cpu.append(fmt(c.median("cpu_per_gib"), 2))
+            rss.append(c.median("rss_mib"))
+        row.append(" / ".join(cpu))
+        row.append(fmt(max(rss), 1) if rss else "–")
+        rows.append(row)
+    if not rows:
+        return []
+    settings = {s.name.removeprefix("store "): s.settings for s in STORE_SERVERS}
+    out = ["", "## Stores", "",
+           "longwire serving the same 1 GiB of random data from each of its stores, through NBD "
+           "(fio's `nbd` engine, same runs and medians as below). CPU s/GiB per column, in order; "
+           "peak RSS is the largest of the three.", "",
+           "| store | " + " | ".join(w.name.removeprefix("stores ") for w in workloads) +
+           " | CPU s/GiB | peak RSS MiB |",
+           "|---|" + "---:|" * (len(workloads) + 2)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += [""] + [f"- {k}: {v}" for k, v in settings.items() if any(r[0] == k for r in rows)]
+    return out
+
+
+def load_saved(path):
+    """Results of an earlier run, from BENCHMARKS.json ({} if none)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    results = {}
+    for key, runs in saved.items():
+        w, srv = key.split(" | ", 1)
+        results[(w, srv)] = Cell(runs)
+    return results
+
+
+def all_workloads():
+    return file_workloads() + memory_workloads() + iscsi_workloads() + store_workloads()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 repetition of 2 s runs (smoke test)")
@@ -562,14 +696,8 @@ def main():
         args.reps, args.runtime, args.ramp = 1, 2, 0
 
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        results = {}
-        for key, runs in saved.items():
-            w, srv = key.split(" | ", 1)
-            results[(w, srv)] = Cell(runs)
-        all_wl = file_workloads() + memory_workloads() + iscsi_workloads()
-        write_report(report(results, all_wl, args, float("nan")), args.output)
+        results = load_saved(args.from_json)
+        write_report(report(results, all_workloads(), args, float("nan")), args.output)
         return
 
     for tool in ("fio", "nbdkit", "qemu-nbd", "nbd-server", "tgtd", "tgtadm", "qemu-img", "iscsi-perf"):
@@ -579,11 +707,16 @@ def main():
     image = os.path.join(args.image_dir, "bench.img")
     make_image(image)
 
-    workloads = file_workloads() + memory_workloads() + iscsi_workloads()
+    workloads = all_workloads()
     if args.only:
         workloads = [w for w in workloads if any(o in w.name for o in args.only)]
-    servers = [s for s in SERVERS + ISCSI_SERVERS if not args.servers or s.name in args.servers]
-    results = {}
+    servers = [s for s in SERVERS + ISCSI_SERVERS + STORE_SERVERS if not args.servers or s.name in args.servers]
+    # A partial run refreshes its cells and keeps every other one.
+    partial = bool(args.only or args.servers)
+    results = load_saved(os.path.splitext(args.output)[0] + ".json") if partial else {}
+    for wl in workloads:
+        for s in servers:
+            results.pop((wl.name, s.name), None)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for wl in workloads:
@@ -603,7 +736,7 @@ def main():
                     print(f"  {wl.name:32} {s.name:16} rep {rep + 1}: {r['iops']:10,.0f} IOPS "
                           f"{r['mbps']:8,.1f} MB/s  cpu {r['cpu_per_gib']:6.2f} s/GiB  rss {r['rss_mib']:6.1f} MiB",
                           file=sys.stderr, flush=True)
-    write_report(report(results, workloads, args, time.time() - t0), args.output)
+    write_report(report(results, all_workloads() if partial else workloads, args, time.time() - t0), args.output)
     with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
         json.dump({f"{w} | {s}": c.runs for (w, s), c in results.items()}, f, indent=1)
     print(f"wrote {args.output}", file=sys.stderr)

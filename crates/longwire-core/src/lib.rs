@@ -6,15 +6,19 @@
 //! over several protocols at once with one truth.
 #![forbid(unsafe_code)]
 
+pub mod access;
 mod error;
 mod export;
 mod extent;
 pub mod layers;
+pub mod stats;
 mod status;
 mod volume;
 
+pub use access::{AddressPolicy, AllowList, IpNet};
 pub use error::{VolumeError, VolumeResult};
 pub use export::{Export, ExportRegistry};
 pub use extent::{Extent, ExtentKind, ReadSegment};
+pub use stats::Stats;
 pub use status::{Gauge, LayerStatus};
 pub use volume::{check_range, Capabilities, Volume, ZeroFlags};

@@ -141,6 +141,15 @@ pub trait Volume: Send + Sync + 'static {
     fn status(&self) -> Vec<LayerStatus> {
         Vec::new()
     }
+
+    /// Called once when the server stops serving the volume, after the
+    /// last request has finished: the place to give back what other
+    /// servers may be waiting for (an S3 volume's single-writer lease)
+    /// instead of leaving it to time out. Layers forward it to their inner
+    /// volumes. The default has nothing to give back.
+    async fn close(&self) -> VolumeResult<()> {
+        Ok(())
+    }
 }
 
 /// Check that `[offset, offset + len)` lies inside a volume of `size` bytes.

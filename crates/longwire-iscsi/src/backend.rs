@@ -32,6 +32,10 @@ impl ScsiBackend for Target {
     fn nexus_lost(&self, nexus: &Nexus) {
         Target::nexus_lost(self, nexus)
     }
+
+    fn lun_export(&self, lun: u64) -> Option<String> {
+        self.logical_unit(lun).map(|lu| lu.identity().export.clone())
+    }
 }
 
 /// One LUN of a target to build.

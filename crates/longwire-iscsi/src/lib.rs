@@ -20,6 +20,7 @@
 //!     [`ScsiBackend`] seam; [`backend`] plugs [`scsi::Target`] into it;
 //!   - [`server`]: the listener side: login, session registry, TSIH,
 //!     reinstatement, resets across sessions;
+//!   - [`metrics`]: how SCSI commands are counted in the statistics;
 //!   - [`initiator`]: a minimal blocking initiator for tests and diagnostics.
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod digest;
 pub mod initiator;
 pub mod keys;
 pub mod login;
+pub mod metrics;
 pub mod pdu;
 pub mod scsi;
 pub mod server;

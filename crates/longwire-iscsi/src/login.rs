@@ -11,8 +11,10 @@
 //! is closed).
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 
 use bytes::Bytes;
+use longwire_core::AllowList;
 
 use crate::chap::{self, Algorithm};
 use crate::keys::{self, Negotiator, Policy, SessionParams, SessionType, TextAssembler};
@@ -41,6 +43,10 @@ pub struct Access {
     pub mutual: Option<Credentials>,
     /// Initiator names allowed to log in; empty allows every initiator.
     pub allow_initiators: Vec<String>,
+    /// Client addresses allowed to see and log in to the target.
+    pub allow_addresses: AllowList,
+    /// Most sessions the target may have at once (None: no cap of its own).
+    pub max_sessions: Option<usize>,
     /// TargetAlias declared to initiators.
     pub alias: Option<String>,
 }
@@ -48,6 +54,11 @@ pub struct Access {
 impl Access {
     pub fn allows(&self, initiator: &str) -> bool {
         self.allow_initiators.is_empty() || self.allow_initiators.iter().any(|a| a == initiator)
+    }
+
+    /// May a client at `peer` (None: unknown, treated as local) see the target?
+    pub fn allows_address(&self, peer: Option<IpAddr>) -> bool {
+        self.allow_addresses.allows(peer)
     }
 }
 
@@ -142,6 +153,8 @@ pub struct Login {
     access: Access,
     auth: Auth,
     stat_sn: u32,
+    /// The initiator's address, for address allow-lists.
+    peer: Option<IpAddr>,
 }
 
 /// Failure with a status.
@@ -164,7 +177,14 @@ impl Login {
             access: Access::default(),
             auth: Auth::Start,
             stat_sn: initial_stat_sn,
+            peer: None,
         }
+    }
+
+    /// The initiator's address, checked against the target's address
+    /// allow-list (without one, every target's list admits the client).
+    pub fn set_peer(&mut self, peer: IpAddr) {
+        self.peer = Some(peer);
     }
 
     /// The initiator name, once declared (for logs).
@@ -369,6 +389,17 @@ impl Login {
                 let Some(access) = env.target_access(&name) else {
                     return Err((login_status::NOT_FOUND, format!("no target named {name:?}")));
                 };
+                // "Not found" rather than "authorization failure" (02/02):
+                // the latter would confirm to a client that may not even
+                // see the target (SendTargets hides it) that it exists.
+                // Only our log says why.
+                if !access.allows_address(self.peer) {
+                    let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+                    return Err((
+                        login_status::NOT_FOUND,
+                        format!("address {peer} may not use target {name:?} (answered as not found)"),
+                    ));
+                }
                 target_name = Some(name);
                 access
             }
@@ -743,6 +774,28 @@ mod tests {
         let allow = Env { access: Access { allow_initiators: vec![INITIATOR.into()], ..Default::default() } };
         let mut l = Login::new(Policy::default(), 1, 64);
         respond(l.handle(&req(true, 0, 1, &first_text()), &allow));
+    }
+
+    #[test]
+    fn a_disallowed_address_gets_not_found() {
+        // Both rules fail: the address check answers first, so the reply
+        // does not confirm the target exists (no 02/02).
+        let env = Env {
+            access: Access {
+                allow_addresses: AllowList::parse(&["127.0.0.2"]).unwrap(),
+                allow_initiators: vec!["iqn.other".into()],
+                ..Default::default()
+            },
+        };
+        let mut l = Login::new(Policy::default(), 1, 64);
+        l.set_peer("127.0.0.1".parse().unwrap());
+        let (step, reason) = l.handle_with_reason(&req(true, 0, 1, &first_text()), &env);
+        assert_eq!(fail(step), login_status::NOT_FOUND);
+        assert!(reason.unwrap().contains("127.0.0.1 may not use target"));
+        // The allowed address gets as far as the initiator-name check.
+        let mut l = Login::new(Policy::default(), 1, 64);
+        l.set_peer("::ffff:127.0.0.2".parse().unwrap());
+        assert_eq!(fail(l.handle(&req(true, 0, 1, &first_text()), &env)), login_status::AUTHORIZATION_FAILURE);
     }
 
     #[test]

@@ -8,13 +8,15 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
+use longwire_core::stats::{ConnState, Protocol, Stats};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -43,7 +45,19 @@ pub struct IscsiConfig {
     /// After shutdown starts (and the initiator was asked to log out), how
     /// long the session keeps serving before closing.
     pub shutdown_grace: Duration,
+    /// Most connections (logged in or logging in) at once, server-wide
+    /// (0: unlimited). Beyond it new connections are closed at once.
+    pub max_connections: usize,
+    /// Close a session that has had no command in flight and received no
+    /// PDU but NOP-Outs for this long (None: never). NOP-In pings go on
+    /// regardless: they find dead initiators, this finds idle live ones.
+    pub idle_timeout: Option<Duration>,
+    /// Where commands and connections are counted (`/metrics`, `status`).
+    pub stats: Arc<Stats>,
 }
+
+/// Default of [`IscsiConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl Default for IscsiConfig {
     fn default() -> Self {
@@ -55,6 +69,9 @@ impl Default for IscsiConfig {
             nop_interval: Duration::from_secs(30),
             nop_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_millis(500),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: None,
+            stats: Stats::new(),
         }
     }
 }
@@ -75,6 +92,8 @@ struct SessionEntry {
     control: Arc<SessionControl>,
     /// Becomes true once the session has ended and cleaned up.
     done: watch::Receiver<bool>,
+    /// The initiator's address (SendTargets lists only what it may see).
+    peer: IpAddr,
 }
 
 #[derive(Default)]
@@ -89,7 +108,23 @@ pub struct IscsiServer {
     config: IscsiConfig,
     shutdown: CancellationToken,
     registry: Mutex<Registry>,
+    /// Connections being served now (for `max_connections`).
+    active: Arc<AtomicUsize>,
+    /// When a refusal was last logged, and how many went unlogged since.
+    refusal_log: Mutex<(Option<Instant>, u64)>,
 }
+
+/// A connection's place in the server-wide count; freed on drop.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// At most one "connection limit reached" warning per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl LoginEnv for IscsiServer {
     fn target_access(&self, name: &str) -> Option<Access> {
@@ -103,7 +138,43 @@ impl LoginEnv for IscsiServer {
 
 impl IscsiServer {
     pub fn new(targets: Vec<Arc<IscsiTarget>>, config: IscsiConfig, shutdown: CancellationToken) -> Arc<IscsiServer> {
-        Arc::new(IscsiServer { targets, config, shutdown, registry: Mutex::new(Registry { next_tsih: 1, ..Default::default() }) })
+        Arc::new(IscsiServer {
+            targets,
+            config,
+            shutdown,
+            registry: Mutex::new(Registry { next_tsih: 1, ..Default::default() }),
+            active: Arc::default(),
+            refusal_log: Mutex::new((None, 0)),
+        })
+    }
+
+    /// Connections being served now (logging in or logged in).
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Count a new connection in, unless the server is at `max_connections`.
+    fn admit(&self, peer: SocketAddr) -> Option<ConnectionSlot> {
+        let max = self.config.max_connections;
+        let n = self.active.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnectionSlot(self.active.clone());
+        if max == 0 || n < max {
+            return Some(slot);
+        }
+        drop(slot);
+        let mut log = self.refusal_log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if log.0.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL) {
+            let more = match log.1 {
+                0 => String::new(),
+                k => format!(" ({k} more refused since the last warning)"),
+            };
+            warn!(%peer, "iSCSI connection limit reached ({max} connections); closing the new connection{more}");
+            *log = (Some(now), 0);
+        } else {
+            log.1 += 1;
+        }
+        None
     }
 
     pub fn targets(&self) -> &[Arc<IscsiTarget>] {
@@ -125,15 +196,19 @@ impl IscsiServer {
 
     /// Run one connection to completion: login, then the session. Never
     /// panics on bad input; errors are logged.
-    pub async fn serve_connection<R, W>(self: Arc<Self>, rd: R, wr: W, peer: String, local: SocketAddr)
+    pub async fn serve_connection<R, W>(self: Arc<Self>, rd: R, wr: W, peer_addr: SocketAddr, local: SocketAddr)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        // Over the server-wide limit: dropping the halves closes the socket.
+        let Some(_slot) = self.admit(peer_addr) else { return };
+        let peer = peer_addr.to_string();
+        let conn = self.config.stats.open_connection(Protocol::Iscsi, &peer);
         let mut rd = BufReader::with_capacity(256 * 1024, rd);
         let mut wr = wr;
         let login = tokio::select! {
-            r = tokio::time::timeout(self.config.login_timeout, self.login(&mut rd, &mut wr, &peer)) => match r {
+            r = tokio::time::timeout(self.config.login_timeout, self.login(&mut rd, &mut wr, peer_addr.ip(), &peer)) => match r {
                 Ok(Ok(Some(done))) => done,
                 Ok(Ok(None)) => return,
                 Ok(Err(e)) => {
@@ -154,7 +229,13 @@ impl IscsiServer {
                 header_digest = result.params.header_digest, data_digest = result.params.data_digest, "iSCSI session started"),
             None => debug!(%peer, initiator = %result.initiator_name, tsih, "iSCSI discovery session started"),
         }
-        let outcome = session::run(self.clone(), rd, wr, *result, target.clone(), tsih, control, local, &peer).await;
+        if let Some(t) = &target {
+            let exports: Vec<String> = t.luns.iter().filter_map(|l| t.backend.lun_export(*l)).collect();
+            conn.set_export(exports.join(","));
+        }
+        conn.set_state(ConnState::Transmission);
+        let stats = conn.stats().clone();
+        let outcome = session::run(self.clone(), rd, wr, *result, target.clone(), tsih, control, local, &peer, stats).await;
         match (&target, outcome) {
             (Some(t), Ok(())) => info!(%peer, target = %t.name, tsih, "iSCSI session ended"),
             (Some(t), Err(e)) => info!(%peer, target = %t.name, tsih, "iSCSI session ended: {e}"),
@@ -171,6 +252,7 @@ impl IscsiServer {
         &self,
         rd: &mut BufReader<R>,
         wr: &mut W,
+        peer_ip: IpAddr,
         peer: &str,
     ) -> io::Result<Option<(Box<LoginResult>, u16, Arc<SessionControl>, watch::Sender<bool>)>>
     where
@@ -179,6 +261,7 @@ impl IscsiServer {
     {
         let initial_stat_sn = u32::from_be_bytes(crate::chap::random_bytes(4).try_into().unwrap()) & 0x00ff_ffff;
         let mut login = Login::new(self.config.policy.clone(), initial_stat_sn, self.config.queue_depth);
+        login.set_peer(peer_ip);
         loop {
             if rd.fill_buf().await?.is_empty() {
                 return Ok(None);
@@ -228,9 +311,10 @@ impl IscsiServer {
                     return Ok(None);
                 }
                 Step::Complete(mut resp, result) => {
-                    let (tsih, control, done_tx) = match self.register(&result).await {
-                        Some(r) => r,
-                        None => {
+                    let (tsih, control, done_tx) = match self.register(&result, peer_ip).await {
+                        Ok(r) => r,
+                        Err(why) => {
+                            info!(%peer, initiator = %result.initiator_name, "iSCSI login refused (03/02): {why}");
                             resp.transit = false;
                             resp.nsg = 0;
                             resp.data = Bytes::new();
@@ -249,7 +333,8 @@ impl IscsiServer {
 
     /// Give a new session its TSIH, replacing (reinstating) an old session
     /// of the same initiator name, ISID and target.
-    async fn register(&self, result: &LoginResult) -> Option<(u16, Arc<SessionControl>, watch::Sender<bool>)> {
+    /// Refused (`Err`, why) when the target is at its session cap.
+    async fn register(&self, result: &LoginResult, peer: IpAddr) -> Result<(u16, Arc<SessionControl>, watch::Sender<bool>), String> {
         let key = SessionKey { initiator: result.initiator_name.clone(), isid: result.isid, target: result.target_name.clone() };
         let old = {
             let reg = self.registry.lock().unwrap();
@@ -268,7 +353,15 @@ impl IscsiServer {
         let mut reg = self.registry.lock().unwrap();
         reg.sessions.retain(|_, e| e.key != key);
         if reg.sessions.len() >= 0xfff0 {
-            return None;
+            return Err("no session identifiers (TSIH) left".into());
+        }
+        if let Some(t) = &target {
+            if let Some(cap) = t.access.max_sessions {
+                let n = reg.sessions.values().filter(|e| e.target.as_ref().is_some_and(|o| o.name == t.name)).count();
+                if n >= cap {
+                    return Err(format!("target {} has reached its session limit ({cap})", t.name));
+                }
+            }
         }
         let mut tsih = reg.next_tsih;
         while tsih == 0 || reg.sessions.contains_key(&tsih) {
@@ -277,8 +370,8 @@ impl IscsiServer {
         reg.next_tsih = tsih.wrapping_add(1);
         let control = SessionControl::new();
         let (done_tx, done_rx) = watch::channel(false);
-        reg.sessions.insert(tsih, SessionEntry { key, target, control: control.clone(), done: done_rx });
-        Some((tsih, control, done_tx))
+        reg.sessions.insert(tsih, SessionEntry { key, target, control: control.clone(), done: done_rx, peer });
+        Ok((tsih, control, done_tx))
     }
 
     /// Sessions of `target` (all of them, the caller's included).
@@ -308,12 +401,19 @@ impl IscsiServer {
         }
     }
 
-    /// Discovery: what SendTargets reports to `initiator`, reached through
-    /// the portal `local`. `only` restricts it to one target.
-    pub(crate) fn send_targets(&self, initiator: &str, local: SocketAddr, only: Option<&str>) -> Vec<(String, String)> {
+    /// Discovery: what SendTargets reports to `initiator` of session
+    /// `tsih`, reached through the portal `local`: the targets its name
+    /// and address may log in to. `only` restricts it to one target.
+    pub(crate) fn send_targets(&self, tsih: u16, initiator: &str, local: SocketAddr, only: Option<&str>) -> Vec<(String, String)> {
+        // A session always has its entry; if not, show only address-open targets.
+        let peer = self.registry.lock().unwrap().sessions.get(&tsih).map(|e| e.peer);
         let mut out = Vec::new();
         for t in &self.targets {
-            if only.is_some_and(|n| n != t.name) || !t.access.allows(initiator) {
+            let address_ok = match peer {
+                Some(ip) => t.access.allows_address(Some(ip)),
+                None => t.access.allow_addresses.is_any(),
+            };
+            if only.is_some_and(|n| n != t.name) || !t.access.allows(initiator) || !address_ok {
                 continue;
             }
             out.push(("TargetName".to_string(), t.name.clone()));

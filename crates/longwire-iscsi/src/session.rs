@@ -33,6 +33,8 @@ use crate::dataout::{DataError, DataLimits, WriteCollector};
 use crate::digest::{self, Digests};
 use crate::keys::{self, SessionParams, SessionType, TextAssembler};
 use crate::login::{LoginResult, TPGT};
+use crate::metrics;
+use longwire_core::stats::{ConnState, ConnStats, ExportStats};
 use crate::pdu::{self, op, reject, tmf, Bhs, Layout, Pdu, RawPdu, RESERVED_TAG};
 use crate::scsi::{status, CommandResult, DataDirection, Nexus};
 use crate::server::IscsiServer;
@@ -380,6 +382,7 @@ pub(crate) async fn run<R, W>(
     control: Arc<SessionControl>,
     local: SocketAddr,
     peer: &str,
+    stats: Arc<ConnStats>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -431,8 +434,14 @@ where
         },
         params,
         text: TextState::default(),
+        lun_stats: target
+            .iter()
+            .flat_map(|t| t.luns.iter().filter_map(|l| Some((*l, server.config().stats.export(&t.backend.lun_export(*l)?)))))
+            .collect(),
+        stats: stats.clone(),
     };
     let result = conn.serve(rd).await;
+    stats.set_state(ConnState::Closing);
 
     // Whatever ended the session: drop tasks still waiting for data, let
     // running ones finish (their responses still go out if the socket is
@@ -487,6 +496,10 @@ struct Conn {
     params: SessionParams,
     limits: DataLimits,
     text: TextState,
+    /// Per-export counters of each LUN.
+    lun_stats: Vec<(u64, Arc<ExportStats>)>,
+    /// This connection's counters.
+    stats: Arc<ConnStats>,
 }
 
 /// What reading one PDU gave.
@@ -505,6 +518,10 @@ impl Conn {
         let mut grace_end = Instant::now();
         let mut last_rx = Instant::now();
         let mut ping: Option<Instant> = None;
+        // Last PDU other than a NOP-Out (for the idle timeout: answering
+        // our pings keeps a connection alive, not busy).
+        let mut last_work = Instant::now();
+        let idle_timeout = cfg.idle_timeout.filter(|d| !d.is_zero());
         loop {
             let idle_deadline = match ping {
                 Some(sent) => sent + cfg.nop_timeout,
@@ -545,6 +562,15 @@ impl Conn {
                     ping = Some(Instant::now());
                     continue;
                 }
+                _ = tokio::time::sleep_until(last_work + idle_timeout.unwrap_or_default()), if idle_timeout.is_some() && !shutting_down => {
+                    if self.shared.state.lock().unwrap().tasks.is_empty() {
+                        info!(peer = %self.peer, "closing iSCSI session idle for {:?}", idle_timeout.unwrap_or_default());
+                        return Ok(());
+                    }
+                    // Commands still running: idle only once they are done.
+                    last_work = Instant::now();
+                    continue;
+                }
                 r = rd.fill_buf() => {
                     if r?.is_empty() {
                         return Ok(());
@@ -557,6 +583,9 @@ impl Conn {
             };
             last_rx = Instant::now();
             ping = None;
+            if !matches!(&incoming, Incoming::Pdu(_, Pdu::NopOut(_))) {
+                last_work = last_rx;
+            }
             let flow = match incoming {
                 Incoming::Pdu(bhs, pdu) => self.dispatch(bhs, pdu).await?,
                 Incoming::Reject { bhs, reason, message, fatal } => {
@@ -823,16 +852,24 @@ impl Conn {
 
     /// Start a command whose data is complete.
     fn execute(&self, itt: u32, data: Bytes) {
-        let (lun, cdb, busy) = {
+        let (lun, cdb, busy, read_len) = {
             let mut st = self.shared.state.lock().unwrap();
             let Some(t) = st.tasks.get_mut(&itt) else { return };
             t.phase = Phase::Executing;
-            (t.lun, t.cdb.clone(), t.busy)
+            (t.lun, t.cdb.clone(), t.busy, t.read_len)
         };
+        // Counted once its data is in: commands dropped while collecting
+        // data never ran.
+        let kind = metrics::op_kind(&cdb);
+        let written = data.len();
+        let conn = self.stats.clone();
+        let export = self.lun_stats.iter().find(|(l, _)| *l == lun).map(|(_, s)| s.clone());
+        conn.received();
         let cdb0 = cdb.first().copied().unwrap_or(0);
         let shared = self.shared.clone();
         let backend = self.target.as_ref().expect("commands only run in normal sessions").backend.clone();
         tokio::spawn(async move {
+            let request = conn.begin(kind, export.as_deref());
             let result = if busy {
                 CommandResult { status: status::TASK_SET_FULL, sense: None, data_in: Bytes::new() }
             } else {
@@ -852,6 +889,7 @@ impl Conn {
                     }
                 }
             };
+            request.finish(metrics::moved_bytes(kind, &result, read_len, written), result.status == status::GOOD);
             shared.finish(itt, result);
         });
     }
@@ -1037,7 +1075,7 @@ impl Conn {
                         (SessionType::Normal, "" | "All") => self.target.as_ref().map(|t| t.name.clone()),
                         (_, name) => Some(name.to_string()),
                     };
-                    out.extend(self.server.send_targets(&self.initiator, self.local, only.as_deref()));
+                    out.extend(self.server.send_targets(self.tsih, &self.initiator, self.local, only.as_deref()));
                 }
                 "MaxRecvDataSegmentLength" => match keys::parse_range(v, 512, (1 << 24) - 1) {
                     Some(n) => self.shared.initiator_mrdsl.store(n as u32, Ordering::Relaxed),

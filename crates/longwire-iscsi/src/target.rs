@@ -25,6 +25,11 @@ pub trait ScsiBackend: Send + Sync + 'static {
     fn target_reset(&self, cold: bool);
     /// The I_T nexus ended (logout, connection loss, reinstatement).
     fn nexus_lost(&self, nexus: &Nexus);
+    /// The export behind `lun`, for per-export statistics (None: not
+    /// counted per export).
+    fn lun_export(&self, _lun: u64) -> Option<String> {
+        None
+    }
 }
 
 /// The prefix of default target names: `iqn.2026-11.dev.longwire:<export>`.

@@ -135,7 +135,7 @@ impl Harness {
                 let Ok((stream, peer)) = listener.accept().await else { return };
                 let local = stream.local_addr().unwrap();
                 let (rd, wr) = stream.into_split();
-                tokio::spawn(srv.clone().serve_connection(rd, wr, peer.to_string(), local));
+                tokio::spawn(srv.clone().serve_connection(rd, wr, peer, local));
             }
         });
         Harness { addr, backend, server, shutdown, rt }

@@ -5,10 +5,11 @@
 //! lands in the output buffer, and acts on the returned [`Step`]. Nothing
 //! here touches a socket, so every option path is unit-testable and fuzzable.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use longwire_core::{Capabilities, Export, ExportRegistry};
+use longwire_core::{AddressPolicy, Capabilities, Export, ExportRegistry};
 
 use crate::limits::{ExportLimits, ExportPermit};
 use crate::proto::*;
@@ -128,6 +129,10 @@ pub struct Handshake {
     peer_cn: Option<String>,
     /// Per-export connection limits (None: unlimited).
     limits: Option<Arc<ExportLimits>>,
+    /// Per-export client address allow-lists (None: everyone).
+    addresses: Option<Arc<AddressPolicy>>,
+    /// The client's address (None: a unix-socket client).
+    peer: Option<IpAddr>,
 }
 
 impl Handshake {
@@ -146,6 +151,33 @@ impl Handshake {
     /// NBD_REP_ERR_POLICY (GO/INFO) or a disconnect (EXPORT_NAME).
     pub fn set_limits(&mut self, limits: Arc<ExportLimits>) {
         self.limits = Some(limits);
+    }
+
+    /// Apply per-export address allow-lists to the client at `peer` (None:
+    /// a unix-socket client, always allowed). An export the client may not
+    /// use is treated as if it did not exist: not listed, NBD_REP_ERR_UNKNOWN
+    /// for INFO/GO, a disconnect for EXPORT_NAME, so nothing tells the
+    /// client that it exists.
+    pub fn set_client_address(&mut self, policy: Arc<AddressPolicy>, peer: Option<IpAddr>) {
+        self.addresses = Some(policy);
+        self.peer = peer;
+    }
+
+    /// May this client's address see `export`?
+    fn visible(&self, export: &str) -> bool {
+        self.addresses.as_ref().is_none_or(|p| p.allows(export, self.peer))
+    }
+
+    /// The export `name` resolves to, if it exists and this client's
+    /// address may see it (refusals are logged, never told).
+    fn lookup<'r>(&self, registry: &'r ExportRegistry, name: &str) -> Option<&'r Export> {
+        let export = registry.get(name)?;
+        if !self.visible(&export.name) {
+            let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+            info!("refused: client address {peer} may not use export {:?} (answered as if it did not exist)", export.name);
+            return None;
+        }
+        Some(export)
     }
 
     /// A slot of `export`, or the refusal message when it is full.
@@ -217,7 +249,7 @@ impl Handshake {
                     reply_err(out, opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                     return Step::Continue;
                 }
-                for e in registry.iter().filter(|e| self.access(&e.name).is_ok()) {
+                for e in registry.iter().filter(|e| self.visible(&e.name) && self.access(&e.name).is_ok()) {
                     let mut d = BytesMut::with_capacity(4 + e.name.len() + e.description.len());
                     d.put_u32(e.name.len() as u32);
                     d.put_slice(e.name.as_bytes());
@@ -287,7 +319,7 @@ impl Handshake {
             return Step::Close;
         }
         let Some(name) = string(data) else { return Step::Close };
-        let Some(export) = registry.get(name) else {
+        let Some(export) = self.lookup(registry, name) else {
             return Step::Close;
         };
         // Check the export the name resolved to (an empty name picks the default).
@@ -343,7 +375,7 @@ impl Handshake {
             reply_err(out, opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request");
             return Step::Continue;
         };
-        let Some(export) = registry.get(name) else {
+        let Some(export) = self.lookup(registry, name) else {
             reply_err(out, opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}; NBD_OPT_LIST shows the exports"));
             return Step::Continue;
         };
@@ -425,7 +457,7 @@ impl Handshake {
             reply_err(out, opt, REP_ERR_INVALID, "malformed metadata context request");
             return;
         };
-        let Some(export) = registry.get(name) else {
+        let Some(export) = self.lookup(registry, name) else {
             reply_err(out, opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"));
             return;
         };

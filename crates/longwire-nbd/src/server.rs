@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, IoSlice};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +30,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use longwire_core::{ExportRegistry, ExtentKind, ReadSegment, Volume, VolumeError};
+use longwire_core::stats::{ConnState, ConnStats, ExportStats, OpKind, Protocol, Stats};
+use longwire_core::{AddressPolicy, ExportRegistry, ExtentKind, ReadSegment, Volume, VolumeError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +62,11 @@ pub struct ServerConfig {
     /// Close a connection in transmission that has had no request in
     /// flight and sent no byte for this long (None: never).
     pub idle_timeout: Option<Duration>,
+    /// Per-export client address allow-lists, enforced by the handshake
+    /// (None: every address may use every export).
+    pub addresses: Option<Arc<AddressPolicy>>,
+    /// Where requests and connections are counted (`/metrics`, `status`).
+    pub stats: Arc<Stats>,
 }
 
 /// Default of [`ServerConfig::max_connections`].
@@ -75,6 +82,8 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             export_limits: None,
             idle_timeout: None,
+            addresses: None,
+            stats: Stats::new(),
         }
     }
 }
@@ -147,6 +156,7 @@ impl NbdServer {
     pub async fn serve_connection<S: Connection>(self: Arc<Self>, stream: S, peer: String) {
         // Over the server-wide limit: dropping the stream closes it.
         let Some(_slot) = self.admit(&peer) else { return };
+        let conn = self.config.stats.open_connection(Protocol::Nbd, &peer);
         let negotiation = tokio::select! {
             r = tokio::time::timeout(
                 self.config.handshake_timeout,
@@ -172,7 +182,7 @@ impl NbdServer {
                 info!(%peer, %export, structured = n.structured, extended = n.extended, tls = false, "client connected");
                 let leftover = BytesMut::from(rd.buffer());
                 let (r, w) = rd.into_inner().split_owned();
-                (export, self.transmission(r, leftover, w, *n, &peer).await)
+                (export, self.transmission(r, leftover, w, *n, &peer, conn.stats()).await)
             }
             Negotiation::Tls(rd, n, cn) => {
                 let export = n.export.name.clone();
@@ -180,7 +190,7 @@ impl NbdServer {
                 info!(%peer, %export, structured = n.structured, extended = n.extended, tls = true, %client, "client connected");
                 let leftover = BytesMut::from(rd.buffer());
                 let (r, w) = tokio::io::split((*rd).into_inner());
-                (export, self.transmission(r, leftover, w, *n, &peer).await)
+                (export, self.transmission(r, leftover, w, *n, &peer, conn.stats()).await)
             }
         };
         match result {
@@ -198,6 +208,9 @@ impl NbdServer {
         };
         if let Some(limits) = &self.config.export_limits {
             hs.set_limits(limits.clone());
+        }
+        if let Some(policy) = &self.config.addresses {
+            hs.set_client_address(policy.clone(), stream.peer_ip()?);
         }
         // Small: handshakes are small, and many may be pending at once
         // (bigger option payloads bypass the buffer).
@@ -268,11 +281,21 @@ impl NbdServer {
     }
 
     /// `rbuf` holds request bytes the handshake already read.
-    async fn transmission<R, W>(&self, mut rd: R, mut rbuf: BytesMut, mut wr: W, n: Negotiated, peer: &str) -> io::Result<()>
+    async fn transmission<R, W>(
+        &self,
+        mut rd: R,
+        mut rbuf: BytesMut,
+        mut wr: W,
+        n: Negotiated,
+        peer: &str,
+        conn: &Arc<ConnStats>,
+    ) -> io::Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        conn.set_export(n.export.name.as_str());
+        conn.set_state(ConnState::Transmission);
         let volume = n.export.volume.clone();
         let caps = volume.capabilities();
         let limits = Limits {
@@ -283,7 +306,12 @@ impl NbdServer {
             min_block: caps.min_block,
             max_payload: caps.max_payload,
         };
-        let ctx = Arc::new(RequestContext { volume, style: ReplyStyle::new(n.structured, n.extended) });
+        let ctx = Arc::new(RequestContext {
+            volume,
+            style: ReplyStyle::new(n.structured, n.extended),
+            conn: conn.clone(),
+            export_stats: self.config.stats.export(&n.export.name),
+        });
         let barrier = Arc::new(WriteBarrier::default());
         let max_in_flight = self.config.max_in_flight.max(1);
         let shutdown_refusal = Rejection { errno: ESHUTDOWN, message: "server is shutting down".into() };
@@ -312,6 +340,10 @@ impl NbdServer {
                     None => break,
                     Some(Decoded::Refused { header, rejection }) => {
                         debug!(%peer, "refused {}: {}", command_name(header.typ), rejection.message);
+                        if header.typ != CMD_DISC {
+                            conn.received();
+                            conn.refused(op_kind(header.typ), Some(&ctx.export_stats));
+                        }
                         let mut b = BytesMut::with_capacity(64);
                         ctx.style.error(&mut b, header.cookie, header.offset, rejection.errno, &rejection.message);
                         out.push(b.freeze());
@@ -319,6 +351,7 @@ impl NbdServer {
                     Some(Decoded::Command { command: Command::Disconnect, .. }) => {
                         // Answer what is in flight, then close; ignore anything after DISC.
                         reading = false;
+                        conn.set_state(ConnState::Closing);
                         rbuf.clear();
                     }
                     Some(Decoded::Command { header, command, payload }) => {
@@ -331,6 +364,7 @@ impl NbdServer {
                         };
                         let cost = command_cost(&command);
                         inflight_bytes += cost;
+                        conn.received();
                         let reply = ctx.clone().execute(command, header.cookie, header.offset, payload, order);
                         inflight.push(if cost >= SPAWN_THRESHOLD {
                             // Big copies run on another worker, in parallel
@@ -380,12 +414,16 @@ impl NbdServer {
                     last_activity = tokio::time::Instant::now();
                     if r? == 0 {
                         reading = false;
+                        conn.set_state(ConnState::Closing);
                         if !decoder.is_idle(rbuf.len()) {
                             debug!(%peer, "client closed the connection in the middle of a request");
                         }
                     }
                 }
-                _ = self.shutdown.cancelled(), if !shutting_down => shutting_down = true,
+                _ = self.shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    conn.set_state(ConnState::Closing);
+                }
                 // An async block, so the timer (and its clock read) is only
                 // made when the branch is enabled: select! builds every
                 // branch's future on each pass, enabled or not.
@@ -543,14 +581,49 @@ enum Order {
     Flush(Arc<WriteBarrier>, u64),
 }
 
-/// What request tasks share: the volume and how to encode replies.
+/// What request tasks share: the volume, how to encode replies, and
+/// where requests are counted.
 struct RequestContext {
     volume: Arc<dyn Volume>,
     style: ReplyStyle,
+    conn: Arc<ConnStats>,
+    export_stats: Arc<ExportStats>,
+}
+
+/// The request kind a command is counted as.
+fn op_kind(typ: u16) -> OpKind {
+    match typ {
+        CMD_READ => OpKind::Read,
+        CMD_WRITE => OpKind::Write,
+        CMD_FLUSH => OpKind::Flush,
+        CMD_TRIM => OpKind::Trim,
+        CMD_WRITE_ZEROES => OpKind::Zero,
+        CMD_BLOCK_STATUS => OpKind::BlockStatus,
+        _ => OpKind::Other,
+    }
 }
 
 impl RequestContext {
+    /// Run one command and count it: its kind, bytes moved, latency and
+    /// whether it failed.
     async fn execute(self: Arc<Self>, cmd: Command, cookie: u64, req_offset: u64, payload: Bytes, order: Option<Order>) -> Vec<Bytes> {
+        let (kind, bytes) = match &cmd {
+            Command::Read { len, .. } => (OpKind::Read, *len),
+            Command::Write { .. } => (OpKind::Write, payload.len() as u64),
+            Command::Flush => (OpKind::Flush, 0),
+            Command::Trim { .. } => (OpKind::Trim, 0),
+            Command::WriteZeroes { .. } => (OpKind::Zero, 0),
+            Command::BlockStatus { .. } => (OpKind::BlockStatus, 0),
+            Command::Cache { .. } | Command::Disconnect => (OpKind::Other, 0),
+        };
+        let request = self.conn.begin(kind, Some(&self.export_stats));
+        let (reply, ok) = self.run(cmd, cookie, req_offset, payload, order).await;
+        request.finish(if ok { bytes } else { 0 }, ok);
+        reply
+    }
+
+    /// The reply to a command, and whether it succeeded.
+    async fn run(&self, cmd: Command, cookie: u64, req_offset: u64, payload: Bytes, order: Option<Order>) -> (Vec<Bytes>, bool) {
         let result = match cmd {
             Command::Read { offset, len, df } => return self.read(cookie, offset, len as usize, df).await,
             Command::BlockStatus { offset, len, req_one } => return self.block_status(cookie, offset, len, req_one).await,
@@ -567,11 +640,12 @@ impl RequestContext {
             Command::Disconnect => Ok(()),
         };
         let mut out = BytesMut::with_capacity(32);
+        let ok = result.is_ok();
         match result {
             Ok(()) => self.style.ok(&mut out, cookie, req_offset),
             Err(e) => self.fail(&mut out, cookie, req_offset, &e),
         }
-        vec![out.freeze()]
+        (vec![out.freeze()], ok)
     }
 
     fn fail(&self, out: &mut BytesMut, cookie: u64, req_offset: u64, e: &VolumeError) {
@@ -581,23 +655,23 @@ impl RequestContext {
         self.style.error(out, cookie, req_offset, nbd_errno(e.errno()), &e.to_string());
     }
 
-    async fn read(&self, cookie: u64, offset: u64, len: usize, df: bool) -> Vec<Bytes> {
+    async fn read(&self, cookie: u64, offset: u64, len: usize, df: bool) -> (Vec<Bytes>, bool) {
         let mut head = BytesMut::with_capacity(64);
         if self.style == ReplyStyle::Simple {
             return match self.volume.read(offset, len).await {
                 Ok(data) => {
                     ReplyStyle::simple(&mut head, cookie, 0);
-                    vec![head.freeze(), data]
+                    (vec![head.freeze(), data], true)
                 }
                 Err(e) => {
                     self.fail(&mut head, cookie, offset, &e);
-                    vec![head.freeze()]
+                    (vec![head.freeze()], false)
                 }
             };
         }
         if len == 0 {
             self.style.ok(&mut head, cookie, offset);
-            return vec![head.freeze()];
+            return (vec![head.freeze()], true);
         }
         let segments = if df {
             self.volume.read(offset, len).await.map(|d| vec![ReadSegment::Data(d)])
@@ -608,11 +682,11 @@ impl RequestContext {
             Ok(s) if s.iter().map(|s| s.len()).sum::<u64>() == len as u64 => s,
             Ok(_) => {
                 self.fail(&mut head, cookie, offset, &VolumeError::Io(io::Error::other("store returned a short read")));
-                return vec![head.freeze()];
+                return (vec![head.freeze()], false);
             }
             Err(e) => {
                 self.fail(&mut head, cookie, offset, &e);
-                return vec![head.freeze()];
+                return (vec![head.freeze()], false);
             }
         };
         let mut reply = Vec::with_capacity(segments.len() * 2);
@@ -636,16 +710,16 @@ impl RequestContext {
         if !head.is_empty() {
             reply.push(head.freeze());
         }
-        reply
+        (reply, true)
     }
 
-    async fn block_status(&self, cookie: u64, offset: u64, len: u64, req_one: bool) -> Vec<Bytes> {
+    async fn block_status(&self, cookie: u64, offset: u64, len: u64, req_one: bool) -> (Vec<Bytes>, bool) {
         let mut out = BytesMut::with_capacity(128);
         let extents = match self.volume.extents(offset, len).await {
             Ok(e) => e,
             Err(e) => {
                 self.fail(&mut out, cookie, offset, &e);
-                return vec![out.freeze()];
+                return (vec![out.freeze()], false);
             }
         };
         // Clip to the request (which also keeps every length within 32 bits
@@ -682,7 +756,7 @@ impl RequestContext {
             list.truncate(1);
         }
         self.style.block_status(&mut out, cookie, offset, BASE_ALLOCATION_ID, &list);
-        vec![out.freeze()]
+        (vec![out.freeze()], true)
     }
 }
 
@@ -711,6 +785,9 @@ pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
     fn split_owned(self) -> (Self::Read, Self::Write);
+    /// The client's IP address, for address allow-lists; None for local
+    /// clients (unix sockets, in-process streams), which lists always admit.
+    fn peer_ip(&self) -> io::Result<Option<IpAddr>>;
 }
 
 impl Connection for tokio::net::TcpStream {
@@ -718,6 +795,9 @@ impl Connection for tokio::net::TcpStream {
     type Write = tokio::net::tcp::OwnedWriteHalf;
     fn split_owned(self) -> (Self::Read, Self::Write) {
         self.into_split()
+    }
+    fn peer_ip(&self) -> io::Result<Option<IpAddr>> {
+        self.peer_addr().map(|a| Some(a.ip()))
     }
 }
 
@@ -727,6 +807,9 @@ impl Connection for tokio::net::UnixStream {
     fn split_owned(self) -> (Self::Read, Self::Write) {
         self.into_split()
     }
+    fn peer_ip(&self) -> io::Result<Option<IpAddr>> {
+        Ok(None)
+    }
 }
 
 impl Connection for tokio::io::DuplexStream {
@@ -734,5 +817,8 @@ impl Connection for tokio::io::DuplexStream {
     type Write = tokio::io::WriteHalf<tokio::io::DuplexStream>;
     fn split_owned(self) -> (Self::Read, Self::Write) {
         tokio::io::split(self)
+    }
+    fn peer_ip(&self) -> io::Result<Option<IpAddr>> {
+        Ok(None)
     }
 }

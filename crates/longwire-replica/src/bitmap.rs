@@ -52,6 +52,19 @@ pub struct RegionBitmap {
     persist_lock: Mutex<File>,
 }
 
+/// Changed pages taken by [`RegionBitmap::snapshot`], not yet on disk.
+#[derive(Debug)]
+pub struct Snapshot {
+    pages: Vec<(usize, Vec<u8>)>,
+}
+
+impl Snapshot {
+    /// True when nothing had changed.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
 struct Bits {
     words: Vec<u64>,
     set: u64,
@@ -217,6 +230,43 @@ impl RegionBitmap {
             self.bits.lock().dirty_pages.extend(pages.iter().map(|(p, _)| *p));
         }
         result.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+    }
+
+    /// Take the pages changed since the last persist, as they are now, for
+    /// [`write_snapshot`](Self::write_snapshot). Splitting a persist in two
+    /// lets a caller make something else durable in between: the clone
+    /// snapshots its "hydrated" bits, flushes the local store, then writes
+    /// the snapshot, so no bit reaches the disk before the data it vouches
+    /// for. Callers that split must serialise snapshot-to-write themselves,
+    /// or an older page could be written over a newer one.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut bits = self.bits.lock();
+        let dirty = std::mem::take(&mut bits.dirty_pages);
+        Snapshot { pages: dirty.into_iter().map(|p| (p, page_bytes(&bits.words, p))).collect() }
+    }
+
+    /// Write a [`snapshot`](Self::snapshot) and `fdatasync`. On failure the
+    /// pages count as changed again, so the next persist retries them.
+    pub fn write_snapshot(&self, snapshot: Snapshot) -> io::Result<()> {
+        let file = self.persist_lock.lock();
+        if snapshot.pages.is_empty() {
+            return Ok(());
+        }
+        let result = snapshot
+            .pages
+            .iter()
+            .try_for_each(|(p, bytes)| file.write_all_at(bytes, HEADER_LEN + (*p * PAGE_BYTES) as u64))
+            .and_then(|()| file.sync_data());
+        if result.is_err() {
+            self.abandon_snapshot(snapshot);
+        }
+        result.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+    }
+
+    /// Give up on writing a [`snapshot`](Self::snapshot): its pages count as
+    /// changed again.
+    pub fn abandon_snapshot(&self, snapshot: Snapshot) {
+        self.bits.lock().dirty_pages.extend(snapshot.pages.iter().map(|(p, _)| *p));
     }
 
     /// [`persist`](Self::persist) on the blocking thread pool.
@@ -459,5 +509,24 @@ mod tests {
         drop(b);
         let b = RegionBitmap::open(&path, 64 * MIB, 4096, Fill::Clear).unwrap();
         assert_eq!(b.count(), 64);
+    }
+    #[test]
+    fn snapshots_hold_only_the_bits_set_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let b = RegionBitmap::open(&path, 64 * MIB, 4096, Fill::Clear).unwrap();
+        b.set(0..10);
+        let snap = b.snapshot();
+        assert!(!snap.is_empty() && !b.needs_persist());
+        b.set(10..20);
+        b.write_snapshot(snap).unwrap();
+        assert!(b.needs_persist(), "bits set after the snapshot still need a persist");
+        let snap = b.snapshot();
+        b.abandon_snapshot(snap);
+        assert!(b.needs_persist(), "an abandoned snapshot's pages are dirty again");
+        drop(b);
+        // The bits set after the snapshot were never written.
+        let b = RegionBitmap::open(&path, 64 * MIB, 4096, Fill::Clear).unwrap();
+        assert_eq!(b.count(), 10);
     }
 }

@@ -1,5 +1,6 @@
 //! One-line volume descriptions: `file:disk.img?size=10G&readonly=true`,
-//! `memory:?size=1G`, `sqlite:vols.db?volume=disk1&size=10G`.
+//! `memory:?size=1G`, `sqlite:vols.db?volume=disk1&size=10G`,
+//! `s3://bucket/vm1?endpoint=http://127.0.0.1:3900&size=10G`.
 //!
 //! The same syntax is used on the command line and in config files, so the
 //! parsing and the error messages (which tell the user what to write
@@ -13,11 +14,13 @@ use std::sync::Arc;
 use longwire_core::layers::ReadOnly;
 use longwire_core::Volume;
 
+use crate::s3::S3Options;
 use crate::sqlite::{Compression, SqliteOptions};
-use crate::{FileVolume, MemoryVolume, SqliteVolume};
+use crate::{FileVolume, MemoryVolume, S3Volume, SqliteVolume};
 
-const SCHEMES: &str = "file: (file:PATH?size=10G), memory: (memory:?size=1G) \
-                       and sqlite: (sqlite:PATH?volume=NAME&size=10G)";
+const SCHEMES: &str = "file: (file:PATH?size=10G), memory: (memory:?size=1G), \
+                       sqlite: (sqlite:PATH?volume=NAME&size=10G) \
+                       and s3: (s3://BUCKET/NAME?endpoint=URL&size=10G)";
 const PARAMS: &str = "size, readonly and description";
 const SQLITE_PARAMS: &str = "volume, size, chunk_size, compression, readonly and description";
 const SIZE_HELP: &str = "use a whole number of bytes, optionally followed by K, M, G, T or P \
@@ -75,30 +78,35 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Where the bytes live.
 #[derive(Debug, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     File(PathBuf),
     Memory,
     /// A database file; the volume inside it is `Spec::volume`.
     Sqlite(PathBuf),
+    /// A bucket and prefix; the rest is in `Spec::s3`.
+    S3,
 }
 
 /// A parsed URI, before anything is opened.
 #[derive(Debug, PartialEq, Eq)]
-struct Spec {
-    target: Target,
-    size: Option<u64>,
-    readonly: bool,
-    description: Option<String>,
+pub(crate) struct Spec {
+    pub target: Target,
+    pub size: Option<u64>,
+    pub readonly: bool,
+    pub description: Option<String>,
     /// sqlite only: the volume's name inside the database.
-    volume: Option<String>,
+    pub volume: Option<String>,
     /// sqlite only: chunk size of a new volume.
-    chunk_size: Option<u64>,
-    /// sqlite only: compression of a new volume.
-    compression: Option<Compression>,
+    pub chunk_size: Option<u64>,
+    /// sqlite and s3: compression of a new volume.
+    pub compression: Option<Compression>,
+    /// s3 only: bucket, prefix and the s3-specific parameters.
+    pub s3: Option<S3Options>,
 }
 
-/// Open the volume a URI describes. Blocking (it may create or grow a file):
-/// call it at startup or from `spawn_blocking`.
+/// Open the volume a URI describes. Async because `s3:` talks to a bucket;
+/// the blocking opens of `file:` and `sqlite:` run on tokio's blocking pool.
+/// Needs a tokio runtime (the S3 store spawns its uploader on it).
 ///
 /// - `file:PATH` (relative or absolute) or `file:///abs/path`: a raw image;
 ///   with `size` it is created if missing or grown if smaller, never shrunk.
@@ -109,13 +117,43 @@ struct Spec {
 ///   shrunk. `chunk_size` (default 64K) and `compression` (`none` or
 ///   `zstd`) apply when the volume is created; on an existing volume they
 ///   must match. See [`crate::sqlite`].
+/// - `s3://BUCKET/PREFIX`: a volume of chunk objects under PREFIX, with
+///   `endpoint`, `region`, `cache`, `cache_size`, `timeout`, `lease_ttl`
+///   as well as `size`, `chunk_size` and `compression` (as for sqlite).
+///   See [`crate::s3`].
 ///
 /// Query parameters: `size` (see [`parse_size`]), `readonly`
 /// (true/false/1/0/yes/no) and `description` (percent-encoded, `+` is a
 /// space). Paths may percent-encode awkward characters (`%3F` for `?`).
-pub fn open_uri(uri: &str) -> Result<OpenedVolume, String> {
+pub async fn open_uri(uri: &str) -> Result<OpenedVolume, String> {
     let spec = parse(uri)?;
+    if let Some(opts) = &spec.s3 {
+        let v = S3Volume::open(opts).await.map_err(|e| format!("{uri}: {e}"))?;
+        return Ok(finish(Arc::new(v), spec));
+    }
+    let uri = uri.to_string();
+    tokio::task::spawn_blocking(move || open_local(&uri, spec))
+        .await
+        .map_err(|e| format!("opening a volume failed: {e}"))?
+}
+
+/// Wrap read-only volumes and attach the description.
+fn finish(volume: Arc<dyn Volume>, spec: Spec) -> OpenedVolume {
+    let volume = if spec.readonly {
+        Arc::new(ReadOnly::new(volume))
+    } else {
+        volume
+    };
+    OpenedVolume {
+        volume,
+        description: spec.description,
+    }
+}
+
+/// Open a `file:`, `sqlite:` or `memory:` volume. Blocking.
+fn open_local(uri: &str, spec: Spec) -> Result<OpenedVolume, String> {
     let volume: Arc<dyn Volume> = match &spec.target {
+        Target::S3 => unreachable!("s3 volumes are opened by open_uri"),
         Target::Memory => {
             let size = spec.size.ok_or_else(|| {
                 format!("{uri}: a memory volume needs a size, e.g. memory:?size=1G")
@@ -163,18 +201,11 @@ pub fn open_uri(uri: &str) -> Result<OpenedVolume, String> {
             }
         }
     };
-    let volume = if spec.readonly {
-        Arc::new(ReadOnly::new(volume))
-    } else {
-        volume
-    };
-    Ok(OpenedVolume {
-        volume,
-        description: spec.description,
-    })
+    Ok(finish(volume, spec))
 }
 
-fn parse(uri: &str) -> Result<Spec, String> {
+/// Parse a URI without opening anything (also used by [`crate::manage`]).
+pub(crate) fn parse(uri: &str) -> Result<Spec, String> {
     let no_scheme = || {
         format!("{uri:?} does not say what kind of volume it is; write file:{uri} for an image file. Valid kinds: {SCHEMES}")
     };
@@ -187,9 +218,11 @@ fn parse(uri: &str) -> Result<Spec, String> {
         return Err(no_scheme());
     }
     let (target, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let target_str = target;
     let target = match scheme.to_ascii_lowercase().as_str() {
         "file" => Target::File(file_path(uri, "file", target)?),
         "sqlite" => Target::Sqlite(file_path(uri, "sqlite", target)?),
+        "s3" => Target::S3,
         "memory" if target.is_empty() => Target::Memory,
         "memory" => {
             return Err(format!(
@@ -204,6 +237,11 @@ fn parse(uri: &str) -> Result<Spec, String> {
     };
 
     let sqlite = matches!(target, Target::Sqlite(_));
+    let s3 = match target {
+        Target::S3 => Some(s3_location(uri, target_str)?),
+        _ => None,
+    };
+    let chunked = sqlite || s3.is_some();
     let mut spec = Spec {
         target,
         size: None,
@@ -212,6 +250,7 @@ fn parse(uri: &str) -> Result<Spec, String> {
         volume: None,
         chunk_size: None,
         compression: None,
+        s3,
     };
     let mut seen: Vec<&str> = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
@@ -252,15 +291,28 @@ fn parse(uri: &str) -> Result<Spec, String> {
                 }
                 spec.volume = Some(value)
             }
-            "chunk_size" if sqlite => {
+            "chunk_size" if chunked => {
                 let n = parse_size(&value).map_err(|e| format!("{uri}: chunk_size: {e}"))?;
-                crate::sqlite::check_chunk_size(n).map_err(|e| format!("{uri}: {e}"))?;
+                if sqlite {
+                    crate::sqlite::check_chunk_size(n).map_err(|e| format!("{uri}: {e}"))?;
+                } else {
+                    crate::s3::manifest::check_chunk_size(n).map_err(|e| format!("{uri}: {e}"))?;
+                }
                 spec.chunk_size = Some(n)
             }
-            "compression" if sqlite => {
+            "compression" if chunked => {
                 spec.compression = Some(Compression::parse(&value).ok_or_else(|| {
                     format!("{uri}: compression={value} is not known; use zstd or none")
                 })?)
+            }
+            _ if spec.s3.is_some() => {
+                let known = spec.s3.as_mut().unwrap().set(key, &value).map_err(|e| format!("{uri}: {e}"))?;
+                if !known {
+                    return Err(format!(
+                        "{uri}: unknown parameter {key:?}; valid parameters are {}",
+                        crate::s3::PARAMS
+                    ));
+                }
             }
             _ => {
                 let valid = if sqlite { SQLITE_PARAMS } else { PARAMS };
@@ -270,7 +322,30 @@ fn parse(uri: &str) -> Result<Spec, String> {
             }
         }
     }
+    if let Some(o) = spec.s3.as_mut() {
+        o.size = spec.size;
+        o.read_only = spec.readonly;
+        o.chunk_size = spec.chunk_size;
+        o.compression = spec.compression;
+    }
     Ok(spec)
+}
+
+/// Bucket and prefix of `s3://BUCKET/PREFIX` (`target` is what follows
+/// `s3:`), percent-decoded.
+fn s3_location(uri: &str, target: &str) -> Result<S3Options, String> {
+    let rest = target.strip_prefix("//").ok_or_else(|| {
+        format!("{uri}: write s3://BUCKET/NAME, e.g. s3://volumes/vm1?endpoint=http://127.0.0.1:3900&size=10G")
+    })?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket = String::from_utf8(decode(bucket, false).map_err(|e| format!("{uri}: {e}"))?)
+        .map_err(|_| format!("{uri}: the bucket name is not valid UTF-8"))?;
+    let prefix = String::from_utf8(decode(prefix, false).map_err(|e| format!("{uri}: {e}"))?)
+        .map_err(|_| format!("{uri}: the volume name is not valid UTF-8"))?;
+    if bucket.is_empty() {
+        return Err(format!("{uri}: no bucket named; write s3://BUCKET/NAME"));
+    }
+    Ok(S3Options::new(&bucket, &prefix))
 }
 
 /// The path part of a `file:` (or `sqlite:`, which `scheme` names) URI:
@@ -430,7 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn opens_memory() {
-        let v = open_uri("memory:?size=1G&description=RAM+disk%20one").unwrap();
+        let v = open_uri("memory:?size=1G&description=RAM+disk%20one").await.unwrap();
         assert_eq!(v.volume.size(), G);
         assert_eq!(v.description.as_deref(), Some("RAM disk one"));
         assert!(!v.volume.capabilities().read_only);
@@ -443,14 +518,14 @@ mod tests {
             Bytes::from_static(b"hi")
         );
 
-        let ro = open_uri("memory:?size=1M&readonly=true").unwrap();
+        let ro = open_uri("memory:?size=1M&readonly=true").await.unwrap();
         assert!(ro.volume.capabilities().read_only);
         assert!(matches!(
             ro.volume.write(0, Bytes::from_static(b"x"), false).await,
             Err(VolumeError::ReadOnly)
         ));
 
-        let msg = open_uri("memory:").unwrap_err();
+        let msg = open_uri("memory:").await.unwrap_err();
         assert!(
             msg.contains("needs a size") && msg.contains("memory:?size=1G"),
             "{msg}"
@@ -465,16 +540,16 @@ mod tests {
 
         // Missing without size: say how to create it.
         let uri = format!("file:{encoded}");
-        let msg = open_uri(&uri).unwrap_err();
+        let msg = open_uri(&uri).await.unwrap_err();
         assert_eq!(
             msg,
             format!("{uri} does not exist; add ?size=10G (any size) to create it")
         );
-        let msg = open_uri(&format!("{uri}?readonly=false")).unwrap_err();
+        let msg = open_uri(&format!("{uri}?readonly=false")).await.unwrap_err();
         assert!(msg.contains("&size=10G"), "{msg}");
 
         // Created with size, via the file:/// form.
-        let v = open_uri(&format!("file://{encoded}?size=4M")).unwrap();
+        let v = open_uri(&format!("file://{encoded}?size=4M")).await.unwrap();
         assert_eq!(v.volume.size(), 4 << 20);
         assert!(v.description.is_none());
         v.volume
@@ -485,11 +560,11 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
 
         // Shrinking is refused, with the reason.
-        let msg = open_uri(&format!("{uri}?size=1M")).unwrap_err();
+        let msg = open_uri(&format!("{uri}?size=1M")).await.unwrap_err();
         assert!(msg.contains("shrink") && msg.starts_with(&uri), "{msg}");
 
         // Read-only: wrapped, writes refused, data visible.
-        let ro = open_uri(&format!("{uri}?readonly=1")).unwrap();
+        let ro = open_uri(&format!("{uri}?readonly=1")).await.unwrap();
         assert!(ro.volume.capabilities().read_only);
         assert!(!ro.volume.capabilities().can_trim);
         assert!(matches!(
@@ -546,12 +621,12 @@ mod tests {
         let path = dir.path().join("sub dir/vols.db");
         let enc = path.to_str().unwrap().replace(' ', "%20");
 
-        let msg = open_uri(&format!("sqlite:{enc}?size=1M")).unwrap_err();
+        let msg = open_uri(&format!("sqlite:{enc}?size=1M")).await.unwrap_err();
         assert!(msg.contains("add &volume=NAME"), "{msg}");
-        let msg = open_uri(&format!("sqlite:{enc}")).unwrap_err();
+        let msg = open_uri(&format!("sqlite:{enc}")).await.unwrap_err();
         assert!(msg.contains("add ?volume=NAME"), "{msg}");
         let uri = format!("sqlite:{enc}?volume=a");
-        let msg = open_uri(&uri).unwrap_err();
+        let msg = open_uri(&uri).await.unwrap_err();
         assert_eq!(
             msg,
             format!(
@@ -562,8 +637,7 @@ mod tests {
 
         let a = open_uri(&format!(
             "{uri}&size=4M&chunk_size=16K&description=Volume+A"
-        ))
-        .unwrap();
+        )).await.unwrap();
         assert_eq!(a.volume.size(), 4 << 20);
         assert_eq!(a.description.as_deref(), Some("Volume A"));
         assert_eq!(a.volume.capabilities().preferred_block, 16 << 10);
@@ -573,22 +647,22 @@ mod tests {
             .unwrap();
 
         // A second volume in the same file; a missing one lists what exists.
-        let b = open_uri(&format!("sqlite:{enc}?volume=b&size=1M&compression=zstd")).unwrap();
+        let b = open_uri(&format!("sqlite:{enc}?volume=b&size=1M&compression=zstd")).await.unwrap();
         assert_eq!(b.volume.capabilities().preferred_block, 64 << 10);
-        let msg = open_uri(&format!("sqlite:{enc}?volume=c")).unwrap_err();
+        let msg = open_uri(&format!("sqlite:{enc}?volume=c")).await.unwrap_err();
         assert!(
             msg.contains("no volume \"c\" (it holds \"a\", \"b\"); add &size=10G"),
             "{msg}"
         );
 
         // Never shrinks; conflicting chunk size names both values.
-        let msg = open_uri(&format!("{uri}&size=1M")).unwrap_err();
+        let msg = open_uri(&format!("{uri}&size=1M")).await.unwrap_err();
         assert!(msg.contains("shrink") && msg.starts_with(&uri), "{msg}");
-        let msg = open_uri(&format!("{uri}&chunk_size=64K")).unwrap_err();
+        let msg = open_uri(&format!("{uri}&chunk_size=64K")).await.unwrap_err();
         assert!(msg.contains("16K") && msg.contains("64K"), "{msg}");
 
         // Read-only: wrapped, writes refused, data visible.
-        let ro = open_uri(&format!("{uri}&readonly=true")).unwrap();
+        let ro = open_uri(&format!("{uri}&readonly=true")).await.unwrap();
         assert!(ro.volume.capabilities().read_only);
         assert!(matches!(
             ro.volume.write(0, Bytes::from_static(b"x"), false).await,
@@ -602,7 +676,7 @@ mod tests {
         // Not a database.
         let img = dir.path().join("disk.img");
         std::fs::write(&img, vec![7u8; 8192]).unwrap();
-        let msg = open_uri(&format!("sqlite:{}?volume=a&size=1M", img.display())).unwrap_err();
+        let msg = open_uri(&format!("sqlite:{}?volume=a&size=1M", img.display())).await.unwrap_err();
         assert!(msg.contains("not an SQLite database"), "{msg}");
     }
 }

@@ -25,6 +25,17 @@ pub struct Cli {
 pub enum Command {
     /// Serve volumes over NBD and iSCSI until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Show a running server's exports and connections (from its admin endpoint).
+    ///
+    /// Exports: size, protocols, connections, requests, bytes read and
+    /// written, errors, and the state layers (mirror, clone, …) report.
+    /// Connections: id, protocol, export, peer, state (handshake,
+    /// transmission, closing), requests queued (received), dispatched
+    /// (answered), errored, pending (received, not yet answered) and age.
+    /// The server must run with the admin endpoint on (`--admin ADDR`; on
+    /// by default at 127.0.0.1:9810 for `longwire serve` with no listener
+    /// options).
+    Status(StatusArgs),
     /// Expose a remote NBD export as a file (FUSE), surviving server restarts.
     ///
     /// Mounts DIR (which must exist) and shows the export in it as the single
@@ -53,6 +64,138 @@ pub enum Command {
     /// once; holes and zero runs are not read, and are zeroed on DST only where
     /// DST may hold data. DST is flushed at the end.
     Copy(CopyArgs),
+    /// Move a volume from SRC (usually nbd://old-host/disk) to DST, resumably.
+    ///
+    /// DST is filled exactly as an export with ?clone-from=SRC would be:
+    /// SRC's block status is asked first, so holes and zero runs are never
+    /// copied; data regions (1 MiB) are copied several at once; a bitmap
+    /// beside DST (PATH.clone-bitmap, or in state=DIR for other stores)
+    /// records what is done, so an interrupted migrate started again
+    /// continues where it stopped. Source disconnects are retried with
+    /// backoff. Exits once every region is local and DST is flushed.
+    ///
+    /// To keep serving clients during the move, serve DST instead:
+    /// --export disk='file:disk.img?clone-from=nbd://old-host/disk'.
+    Migrate(MigrateArgs),
+    /// Create a volume: a sparse image file, or a volume in an SQLite database.
+    Create(CreateArgs),
+    /// List the volumes of an SQLite database or the image files of a directory.
+    List(ListArgs),
+    /// Show a volume's size, allocated bytes, chunk size and compression.
+    Info(InfoArgs),
+    /// Delete a volume and its data (an SQLite volume or an image file).
+    Delete(DeleteArgs),
+}
+
+/// A size such as 10G or 65536 (binary units), for clap.
+fn size_arg(s: &str) -> Result<u64, String> {
+    longwire_store::parse_size(s)
+}
+
+/// `none` or `zstd`, for clap.
+fn compression_arg(s: &str) -> Result<longwire_store::sqlite::Compression, String> {
+    longwire_store::sqlite::Compression::parse(s)
+        .ok_or_else(|| format!("unknown compression {s:?}; use zstd or none"))
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+file:PATH creates a sparse image (and missing parent directories); nothing
+is written, so it takes no space until data arrives.
+sqlite:PATH?volume=NAME creates volume NAME in the database PATH, and the
+database if it is missing; one database holds many volumes. Chunk size and
+compression are fixed for the life of the volume.
+An existing volume is never touched unless --force is given.
+
+Examples:
+  longwire create file:/srv/images/vm1.img --size 20G
+  longwire create 'sqlite:/srv/volumes.db?volume=vm1' --size 20G
+  longwire create 'sqlite:/srv/volumes.db?volume=logs' --size 100G --chunk-size 256K --compression zstd
+  longwire serve --export vm1='sqlite:/srv/volumes.db?volume=vm1'")]
+pub struct CreateArgs {
+    /// file:PATH or sqlite:PATH?volume=NAME.
+    #[arg(value_name = "URI")]
+    pub uri: String,
+
+    /// Size of the volume, e.g. 10G (K, M, G, T, P are powers of 1024); may
+    /// also be given as size= in the URI.
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub size: Option<u64>,
+
+    /// sqlite only: chunk size, a power of two from 4K to 4M [default: 64K].
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub chunk_size: Option<u64>,
+
+    /// sqlite only: compress chunks with zstd, or none [default: none].
+    #[arg(long, value_name = "zstd|none", value_parser = compression_arg)]
+    pub compression: Option<longwire_store::sqlite::Compression>,
+
+    /// Replace an existing volume of that name; its data is lost.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print the new volume as JSON (as `longwire info --json`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Columns: SIZE as clients see it; ALLOCATED, the part that holds data (the
+rest reads as zeros and takes no space) and USED, that as a share of SIZE;
+for SQLite volumes STORED (the bytes of chunk data after compression), CHUNK
+and COMPRESSION. --json prints every field, sizes in bytes.
+
+Examples:
+  longwire list sqlite:/srv/volumes.db
+  longwire list file:/srv/images
+  longwire list --json sqlite:/srv/volumes.db")]
+pub struct ListArgs {
+    /// sqlite:PATH (a database) or file:DIR (a directory of images).
+    #[arg(value_name = "STORE-URI")]
+    pub store: String,
+
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  longwire info 'sqlite:/srv/volumes.db?volume=vm1'
+  longwire info file:/srv/images/vm1.img --json")]
+pub struct InfoArgs {
+    /// file:PATH or sqlite:PATH?volume=NAME.
+    #[arg(value_name = "URI")]
+    pub uri: String,
+
+    /// Print JSON (sizes in bytes) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+A volume that holds data (any allocated bytes) is only deleted with --yes;
+an empty one (just created, or fully trimmed) is deleted without it.
+Deleting cannot be undone. Stop serving a volume before deleting it: a
+running server keeps its own view of the volume until it exits.
+An SQLite database does not shrink when a volume is deleted: later writes
+reuse the space (run `sqlite3 PATH VACUUM` offline to give it back).
+Only image files are deleted, never directories or devices.
+
+Examples:
+  longwire delete 'sqlite:/srv/volumes.db?volume=scratch' --yes
+  longwire delete file:/srv/images/old.img --yes")]
+pub struct DeleteArgs {
+    /// file:PATH or sqlite:PATH?volume=NAME.
+    #[arg(value_name = "URI")]
+    pub uri: String,
+
+    /// Delete even though the volume holds data.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +264,17 @@ pub struct AttachArgs {
     pub reconnect_for: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The server's admin address [default: 127.0.0.1:9810].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
+    /// Print the server's JSON status as it is.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Unmount a `longwire attach` mount; the attach process flushes and exits 0.
 #[derive(Debug, Args)]
 pub struct DetachArgs {
@@ -159,6 +313,23 @@ pub struct CopyArgs {
     /// Pieces copied at once [default: 8].
     #[arg(long, value_name = "N")]
     pub parallel: Option<usize>,
+
+    /// No progress line (the final summary is still printed).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `longwire migrate SRC DST`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Source volume URI (nbd://, nbd+unix://, nbds://, or a store URI).
+    #[arg(value_name = "SRC")]
+    pub src: String,
+
+    /// Destination volume URI (file:PATH is created at SRC's size; other
+    /// stores need &state=DIR for the hydration bitmap).
+    #[arg(value_name = "DST")]
+    pub dst: String,
 
     /// No progress line (the final summary is still printed).
     #[arg(long)]
@@ -209,6 +380,18 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_iscsi: bool,
 
+    /// Serve the admin HTTP endpoint on a TCP address: GET /metrics
+    /// (Prometheus) and GET /status (JSON, read by `longwire status`).
+    /// Default: 127.0.0.1:9810 when no listener of any kind is given, else
+    /// off. Keep it on loopback or a management network: it has no
+    /// authentication.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
+    /// Do not serve the admin endpoint (not even on the default address).
+    #[arg(long)]
+    pub no_admin: bool,
+
     /// Listen for NBD on a unix socket at PATH.
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
@@ -227,16 +410,25 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
 
-    /// Most NBD connections served at once; beyond it new connections are
-    /// closed as soon as they are accepted (0: unlimited) [default: 1024].
-    /// Per-export caps: `max_connections` in an [[export]] of --config.
+    /// Most NBD connections, and separately most iSCSI connections, served
+    /// at once; beyond it new connections are closed as soon as they are
+    /// accepted (0: unlimited) [default: 1024]. Per-export and per-target
+    /// caps: `max_connections` in [[export]] / [[iscsi_target]] of --config.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
     /// Close an NBD connection that has had no request in flight and sent
-    /// nothing for SECS seconds (0: never) [default: 0].
+    /// nothing, or an iSCSI session that has had no command (NOP-Outs
+    /// aside), for SECS seconds (0: never) [default: 0].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+
+    /// Only clients from these addresses or ranges (10.0.0.0/8, ::1, …)
+    /// may use EXPORT (over NBD and as its iSCSI target); without EXPORT=,
+    /// every export with no list of its own. Others do not see it at all.
+    /// Unix-socket clients are always allowed (repeatable).
+    #[arg(long, value_name = "[EXPORT=]ADDR[,ADDR…]")]
+    pub allow: Vec<String>,
 
     /// Threads doing blocking file I/O (writes, syncs, uncached reads) for
     /// all file volumes [default: 4].

@@ -1,8 +1,10 @@
 //! The TOML configuration file, and merging it with the command line.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use longwire_core::{AddressPolicy, AllowList};
 use serde::Deserialize;
 
 use crate::cli::ServeArgs;
@@ -23,8 +25,11 @@ pub struct Config {
     pub max_in_flight: Option<usize>,
     /// Most NBD connections at once, server-wide (0: unlimited).
     pub max_connections: Option<usize>,
-    /// Seconds an NBD connection may sit idle in transmission (0: forever).
+    /// Seconds an NBD connection or iSCSI session may sit idle (0: forever).
     pub idle_timeout: Option<u64>,
+    /// Client addresses (or ranges) that may use exports and targets with
+    /// no `allow` of their own (None: every address).
+    pub allow: Option<Vec<String>>,
     /// Threads doing blocking file I/O.
     pub io_threads: Option<usize>,
     /// TCP addresses to listen on for iSCSI.
@@ -51,6 +56,11 @@ pub struct Config {
     /// (then a busy port is a warning, not an error).
     #[serde(skip)]
     pub iscsi_is_default: bool,
+    /// Admin HTTP endpoint (`/metrics`, `/status`) address.
+    pub admin: Option<String>,
+    /// The admin address is the built-in default (a busy port is a warning).
+    #[serde(skip)]
+    pub admin_is_default: bool,
 }
 
 /// One `[[iscsi_target]]` table.
@@ -77,6 +87,13 @@ pub struct IscsiTargetConfig {
     /// Initiator names allowed to log in (empty: everyone).
     #[serde(default)]
     pub allow_initiators: Vec<String>,
+    /// Client addresses (or ranges) that may see and log in to the target
+    /// (None: who may use every one of its LUNs' exports).
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// Most sessions of this target at once (None: no cap of its own).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 /// One `[[export]]` table. The volume is exactly one of `uri`, `concat`
@@ -109,6 +126,10 @@ pub struct ExportConfig {
     /// beyond the server-wide one).
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Client addresses (or ranges) that may use this export, over NBD and
+    /// as its default iSCSI target (None: the server-wide `allow`).
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
 }
 
 /// A size in the config file: a number of bytes or a string such as `"64K"`
@@ -197,6 +218,8 @@ impl ExportConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Default iSCSI address when nothing else is said.
 pub const DEFAULT_ISCSI: &str = "127.0.0.1:3260";
+/// Default admin endpoint address (also where `longwire status` looks).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9810";
 
 impl Config {
     /// Load the config file (if any) and apply command-line flags on top:
@@ -232,6 +255,7 @@ impl Config {
         if args.idle_timeout.is_some() {
             cfg.idle_timeout = args.idle_timeout;
         }
+        cfg.apply_allow_flags(&args.allow)?;
         if !args.iscsi.is_empty() {
             if args.no_iscsi {
                 bail!("--iscsi and --no-iscsi contradict each other");
@@ -241,7 +265,21 @@ impl Config {
         if args.no_iscsi {
             cfg.iscsi.clear();
         }
+        if args.admin.is_some() {
+            if args.no_admin {
+                bail!("--admin and --no-admin contradict each other");
+            }
+            cfg.admin = args.admin.clone();
+        }
+        if args.no_admin {
+            cfg.admin = None;
+        }
         if cfg.listen.is_empty() && cfg.unix.is_none() && cfg.iscsi.is_empty() {
+            // The zero-configuration server also opens the admin endpoint.
+            if cfg.admin.is_none() && !args.no_admin {
+                cfg.admin = Some(DEFAULT_ADMIN.to_string());
+                cfg.admin_is_default = true;
+            }
             cfg.listen.push(DEFAULT_LISTEN.to_string());
             if !args.no_iscsi {
                 cfg.iscsi.push(DEFAULT_ISCSI.to_string());
@@ -260,11 +298,87 @@ impl Config {
         if let Some(e) = cfg.exports.iter().find(|e| e.max_connections == Some(0)) {
             bail!("export {:?}: max_connections must be at least 1", e.name);
         }
+        if let Some(t) = cfg.iscsi_targets.iter().find(|t| t.max_connections == Some(0)) {
+            bail!("iscsi_target {:?}: max_connections must be at least 1", t.name);
+        }
         if cfg.io_threads == Some(0) {
             bail!("io_threads must be at least 1");
         }
+        cfg.check_allow_lists()?;
         cfg.resolve_tls(args)?;
         Ok(cfg)
+    }
+
+    /// `--allow [EXPORT=]ADDR[,ADDR…]`: flags for the same export (or for
+    /// the server-wide default) add up and replace the file's list.
+    fn apply_allow_flags(&mut self, flags: &[String]) -> anyhow::Result<()> {
+        let mut default: Option<Vec<String>> = None;
+        let mut per_export: Vec<(String, Vec<String>)> = Vec::new();
+        for spec in flags {
+            let (export, list) = match spec.split_once('=') {
+                Some((name, list)) => (Some(name), list),
+                None => (None, spec.as_str()),
+            };
+            let entries: Vec<String> = list.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
+            if entries.is_empty() || export.is_some_and(str::is_empty) {
+                bail!("--allow {spec:?} must look like ADDR[,ADDR…] or EXPORT=ADDR[,ADDR…], e.g. 10.0.0.0/8,::1 or disk=192.168.1.0/24");
+            }
+            match export {
+                None => default.get_or_insert_with(Vec::new).extend(entries),
+                Some(name) => match per_export.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, l)) => l.extend(entries),
+                    None => per_export.push((name.to_string(), entries)),
+                },
+            }
+        }
+        if default.is_some() {
+            self.allow = default;
+        }
+        for (name, list) in per_export {
+            let Some(e) = self.exports.iter_mut().find(|e| e.name == name) else {
+                bail!("--allow {name}=…: there is no export named {name:?}");
+            };
+            e.allow = Some(list);
+        }
+        Ok(())
+    }
+
+    /// Every `allow` entry must parse, so a typo stops the server instead
+    /// of locking clients out (or in).
+    fn check_allow_lists(&self) -> anyhow::Result<()> {
+        let check = |what: String, list: &Option<Vec<String>>| -> anyhow::Result<()> {
+            if let Some(l) = list {
+                AllowList::parse(l).map_err(|e| anyhow::anyhow!("{what}: allow: {e}"))?;
+            }
+            Ok(())
+        };
+        check("config".into(), &self.allow)?;
+        for e in &self.exports {
+            check(format!("export {:?}", e.name), &e.allow)?;
+        }
+        for t in &self.iscsi_targets {
+            check(format!("iscsi_target {:?}", t.name), &t.allow)?;
+        }
+        Ok(())
+    }
+
+    /// The address allow-lists of the exports, with the server-wide
+    /// default for exports that have none.
+    pub fn address_policy(&self) -> anyhow::Result<AddressPolicy> {
+        let parse = |l: &Option<Vec<String>>| -> anyhow::Result<AllowList> {
+            match l {
+                None => Ok(AllowList::Any),
+                Some(l) => AllowList::parse(l).map_err(|e| anyhow::anyhow!(e)),
+            }
+        };
+        let default = parse(&self.allow)?;
+        let mut exports = HashMap::new();
+        for e in &self.exports {
+            if e.allow.is_some() {
+                exports.insert(e.name.clone(), parse(&e.allow)?);
+            }
+        }
+        Ok(AddressPolicy::new(default, exports))
     }
 
     /// Apply the TLS flags and check the TLS settings hang together.
@@ -353,9 +467,12 @@ mod tests {
             max_in_flight: None,
             max_connections: None,
             idle_timeout: None,
+            allow: vec![],
             io_threads: None,
             iscsi: vec![],
             no_iscsi: false,
+            admin: None,
+            no_admin: false,
             tls: None,
             tls_cert: None,
             tls_key: None,
@@ -370,6 +487,23 @@ mod tests {
         assert_eq!(cfg.iscsi, vec![DEFAULT_ISCSI]);
         assert!(cfg.iscsi_is_default);
         assert_eq!(cfg.exports, vec![default_export()]);
+        assert_eq!(cfg.admin.as_deref(), Some(DEFAULT_ADMIN));
+        assert!(cfg.admin_is_default);
+    }
+
+    #[test]
+    fn admin_endpoint_is_on_by_default_only_without_listeners() {
+        let mut a = args(&[]);
+        a.listen = vec!["127.0.0.1:0".into()];
+        assert_eq!(Config::from_args(&a).unwrap().admin, None);
+        a.admin = Some("127.0.0.1:9900".into());
+        let cfg = Config::from_args(&a).unwrap();
+        assert_eq!((cfg.admin.as_deref(), cfg.admin_is_default), (Some("127.0.0.1:9900"), false));
+        let mut a = args(&[]);
+        a.no_admin = true;
+        assert_eq!(Config::from_args(&a).unwrap().admin, None);
+        a.admin = Some("127.0.0.1:9900".into());
+        assert!(Config::from_args(&a).is_err(), "--admin with --no-admin");
     }
 
     #[test]
@@ -592,5 +726,40 @@ readonly = true
         std::fs::write(&path, "bogus_key = 1\n").unwrap();
         let err = Config::from_args(&a).unwrap_err();
         assert!(format!("{err:#}").contains("bogus_key"), "{err:#}");
+    }
+    #[test]
+    fn allow_flags_replace_the_files_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+allow = ["10.0.0.0/8"]
+[[export]]
+name = "a"
+uri = "memory:?size=1M"
+allow = ["192.168.0.0/16"]
+[[export]]
+name = "b"
+uri = "memory:?size=1M"
+"#,
+        )
+        .unwrap();
+        let mut a = args(&[]);
+        a.config = Some(path);
+        let cfg = Config::from_args(&a).unwrap();
+        let ip = |s: &str| Some(s.parse().unwrap());
+        let p = cfg.address_policy().unwrap();
+        assert!(p.allows("a", ip("192.168.1.1")) && !p.allows("a", ip("10.0.0.1")));
+        assert!(p.allows("b", ip("10.0.0.1")) && !p.allows("b", ip("192.168.1.1")));
+        // Flags for the same target add up and replace the file's list.
+        a.allow = vec!["a=::1".into(), "a=127.0.0.1, 127.0.0.2".into(), "172.16.0.0/12".into()];
+        let p = Config::from_args(&a).unwrap().address_policy().unwrap();
+        assert!(p.allows("a", ip("::1")) && p.allows("a", ip("127.0.0.2")) && !p.allows("a", ip("192.168.1.1")));
+        assert!(p.allows("b", ip("172.16.0.1")) && !p.allows("b", ip("10.0.0.1")));
+        for bad in ["nosuch=10.0.0.0/8", "a=", "=10.0.0.0/8", "a=10.0.0.1/8", "a=bogus"] {
+            a.allow = vec![bad.into()];
+            assert!(Config::from_args(&a).is_err(), "--allow {bad} must be refused");
+        }
     }
 }

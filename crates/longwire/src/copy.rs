@@ -51,9 +51,7 @@ async fn open(uri: &str, connections: usize, create_size: Option<u64>) -> anyhow
             uri = format!("{uri}{sep}size={size}");
         }
     }
-    let opened = tokio::task::spawn_blocking(move || longwire_store::open_uri(&uri))
-        .await?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let opened = longwire_store::open_uri(&uri).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(opened.volume)
 }
 

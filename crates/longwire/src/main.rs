@@ -4,21 +4,33 @@
 //! ([`cli`], [`config`]) describe exports and listeners, [`iscsi`] decides
 //! the iSCSI targets, [`serve`] opens the stores, fills the export registry
 //! and runs the front-ends. [`attach`] (a remote export as a FUSE file)
-//! and [`copy`] (volume to volume) are the client-side commands.
+//! and [`copy`] (volume to volume) are the client-side commands;
+//! [`manage`] creates, lists, describes and deletes volumes.
 
+mod admin;
 mod attach;
 mod cli;
 mod config;
 mod copy;
 mod iscsi;
+mod layers;
+mod manage;
+mod migrate;
 mod serve;
+mod status;
 mod units;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(cli.verbose);
+    // Volume management prints its own result; the stores' info logs would
+    // only repeat it.
+    let quiet = matches!(
+        cli.command,
+        cli::Command::Create(_) | cli::Command::List(_) | cli::Command::Info(_) | cli::Command::Delete(_)
+    );
+    init_logging(cli.verbose, quiet);
     let result = match cli.command {
         cli::Command::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
@@ -30,6 +42,12 @@ fn main() -> std::process::ExitCode {
         cli::Command::Attach(args) => attach::run(args),
         cli::Command::Detach(args) => attach::detach(args),
         cli::Command::Copy(args) => copy::run(args),
+        cli::Command::Status(args) => status::run(args),
+        cli::Command::Migrate(args) => migrate::run(args),
+        cli::Command::Create(args) => manage::create(args),
+        cli::Command::List(args) => manage::list(args),
+        cli::Command::Info(args) => manage::info(args),
+        cli::Command::Delete(args) => manage::delete(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -40,11 +58,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Log to stderr; `RUST_LOG` wins, else `-v` raises the level from info.
-fn init_logging(verbose: u8) {
+/// Log to stderr; `RUST_LOG` wins, else `-v` raises the level from info
+/// (from warn when `quiet`).
+fn init_logging(verbose: u8, quiet: bool) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
+        0 if quiet => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use longwire_core::layers::{Concat, ReadOnly, Stripe};
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::AdminState;
 use crate::cli::ServeArgs;
 use crate::units::human_size;
 use crate::config::{Config, ExportConfig, ExportSource};
@@ -39,15 +40,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addrs = cfg.listen.iter().map(|a| parse_addr(a, "--listen")).collect::<anyhow::Result<Vec<_>>>()?;
     let iscsi_addrs = cfg.iscsi.iter().map(|a| parse_addr(a, "--iscsi")).collect::<anyhow::Result<Vec<_>>>()?;
     let export_names: Vec<String> = cfg.exports.iter().map(|e| e.name.clone()).collect();
-    let plans = crate::iscsi::plan_targets(&cfg.iscsi_targets, &export_names)?;
+    let addresses = Arc::new(cfg.address_policy()?);
+    let plans = crate::iscsi::plan_targets(&cfg.iscsi_targets, &export_names, &addresses)?;
+    let admin_addr = cfg.admin.as_deref().map(|a| parse_addr(a, "--admin")).transpose()?;
+    let iscsi_exports: Vec<String> = plans.iter().flat_map(|p| p.luns.iter().map(|(_, e)| e.clone())).collect();
     if let Some(n) = cfg.io_threads {
         longwire_store::set_io_threads(n);
     }
     // Certificates before stores too: a bad path should not leave images behind.
     let tls = load_tls(&cfg)?;
-    let registry = Arc::new(build_registry(&cfg.exports)?);
+    let registry = Arc::new(build_registry(&cfg.exports).await?);
 
+    // Counters for /metrics and `longwire status`, every export listed from the start.
+    let stats = longwire_core::Stats::new();
+    for e in registry.iter() {
+        stats.export(&e.name);
+    }
     let mut server_cfg = ServerConfig::default();
+    server_cfg.stats = stats.clone();
     if let Some(secs) = cfg.handshake_timeout {
         server_cfg.handshake_timeout = Duration::from_secs(secs);
     }
@@ -68,10 +78,38 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !caps.is_empty() {
         server_cfg.export_limits = Some(ExportLimits::new(caps));
     }
+    if !addresses.is_open() {
+        for e in registry.iter() {
+            let list = addresses.for_export(&e.name);
+            if !list.is_any() {
+                info!(export = %e.name, "export {:?} is limited to clients from {list} (and unix-socket clients)", e.name);
+            }
+        }
+        server_cfg.addresses = Some(addresses.clone());
+    }
     let shutdown = CancellationToken::new();
     let sessions = TaskTracker::new();
     let nbd = NbdServer::new(registry.clone(), server_cfg, shutdown.clone());
 
+    if let Some(addr) = admin_addr {
+        let nbd_on = !addrs.is_empty() || cfg.unix.is_some();
+        let iscsi_on = !iscsi_addrs.is_empty();
+        let protocols = registry
+            .iter()
+            .map(|e| {
+                let mut p = Vec::new();
+                if nbd_on {
+                    p.push("nbd");
+                }
+                if iscsi_on && iscsi_exports.contains(&e.name) {
+                    p.push("iscsi");
+                }
+                (e.name.clone(), p)
+            })
+            .collect();
+        let state = Arc::new(AdminState { registry: registry.clone(), stats: stats.clone(), protocols, started: Instant::now() });
+        start_admin(addr, cfg.admin_is_default, state, shutdown.clone()).await?;
+    }
     let first = registry.iter().next().map(|e| e.name.clone()).unwrap_or_default();
     // Hints for the startup lines: required TLS needs a TLS URI.
     let (scheme, tls_hint) = if cfg.tls_mode == TlsMode::Required { ("nbds", "?tls-certificates=DIR") } else { ("nbd", "") };
@@ -90,8 +128,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if !iscsi_addrs.is_empty() {
         let mut iscsi_cfg = IscsiConfig::default();
+        iscsi_cfg.stats = stats.clone();
         if let Some(secs) = cfg.handshake_timeout {
             iscsi_cfg.login_timeout = Duration::from_secs(secs);
+        }
+        if let Some(n) = cfg.max_connections {
+            iscsi_cfg.max_connections = n;
+        }
+        if let Some(secs) = cfg.idle_timeout.filter(|s| *s > 0) {
+            iscsi_cfg.idle_timeout = Some(Duration::from_secs(secs));
         }
         let targets = plans
             .into_iter()
@@ -106,6 +151,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     })
                     .collect();
                 info!(target = %p.name, luns = ?p.luns, chap = p.access.chap.is_some(), "iSCSI target ready");
+                if !p.access.allow_addresses.is_any() {
+                    info!(target = %p.name, "iSCSI target {} is limited to clients from {}", p.name, p.access.allow_addresses);
+                }
+                if let Some(n) = p.access.max_sessions {
+                    info!(target = %p.name, "iSCSI target {} is limited to {n} sessions at once", p.name);
+                }
                 Arc::new(build_target(p.name, luns, p.access))
             })
             .collect();
@@ -172,10 +223,10 @@ fn load_tls(cfg: &Config) -> anyhow::Result<Option<NbdTls>> {
 }
 
 /// Open every export's store (or its parts) and register it.
-fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
+async fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
     let mut registry = ExportRegistry::new();
     for e in exports {
-        let (mut volume, uri_description, what) = open_export(e)?;
+        let (mut volume, uri_description, what) = open_export(e).await?;
         if e.readonly && !volume.capabilities().read_only {
             volume = Arc::new(ReadOnly::new(volume));
         }
@@ -198,17 +249,19 @@ fn build_registry(exports: &[ExportConfig]) -> anyhow::Result<ExportRegistry> {
 /// Open one export's volume: its URI, or its parts assembled into a
 /// concatenation or stripe set. Returns the volume, the description its URI
 /// gave (plain URIs only) and what to call it in the startup log.
-fn open_export(e: &ExportConfig) -> anyhow::Result<(Arc<dyn Volume>, Option<String>, String)> {
-    let open_parts = |parts: &[String]| -> anyhow::Result<Vec<Arc<dyn Volume>>> {
-        parts
-            .iter()
-            .enumerate()
-            .map(|(i, uri)| {
-                longwire_store::open_uri(uri)
-                    .map(|o| o.volume)
-                    .map_err(|msg| anyhow!("export {:?}: part {i}: {msg}", e.name))
-            })
-            .collect()
+async fn open_export(e: &ExportConfig) -> anyhow::Result<(Arc<dyn Volume>, Option<String>, String)> {
+    let open_parts = |parts: &[String]| {
+        let parts = parts.to_vec();
+        async move {
+            let mut volumes: Vec<Arc<dyn Volume>> = Vec::with_capacity(parts.len());
+            for (i, uri) in parts.iter().enumerate() {
+                let opened = longwire_store::open_uri(uri)
+                    .await
+                    .map_err(|msg| anyhow!("export {:?}: part {i}: {msg}", e.name))?;
+                volumes.push(opened.volume);
+            }
+            anyhow::Ok(volumes)
+        }
     };
     let describe_parts = |parts: &[String], volumes: &[Arc<dyn Volume>]| -> String {
         parts
@@ -220,18 +273,18 @@ fn open_export(e: &ExportConfig) -> anyhow::Result<(Arc<dyn Volume>, Option<Stri
     };
     match e.source()? {
         ExportSource::Uri(uri) => {
-            let opened = longwire_store::open_uri(uri).map_err(|msg| anyhow!("export {:?}: {msg}", e.name))?;
+            let opened = crate::layers::open(uri, &e.name).await.map_err(|err| anyhow!("export {:?}: {err:#}", e.name))?;
             Ok((opened.volume, opened.description, uri.to_string()))
         }
         ExportSource::Concat(parts) => {
-            let volumes = open_parts(parts)?;
+            let volumes = open_parts(parts).await?;
             let list = describe_parts(parts, &volumes);
             let concat = Concat::new(volumes).map_err(|err| anyhow!("export {:?}: cannot concatenate its parts: {err}", e.name))?;
             info!(export = %e.name, parts = parts.len(), layout = "concat", size = concat.size(), "export {:?}: concatenation of {} parts: {list}", e.name, parts.len());
             Ok((Arc::new(concat), None, format!("concat of {} parts", parts.len())))
         }
         ExportSource::Stripe { parts, stripe_size } => {
-            let volumes = open_parts(parts)?;
+            let volumes = open_parts(parts).await?;
             let list = describe_parts(parts, &volumes);
             let stripe =
                 Stripe::new(volumes, stripe_size).map_err(|err| anyhow!("export {:?}: cannot stripe over its parts: {err}", e.name))?;
@@ -301,7 +354,7 @@ async fn accept_iscsi(listener: TcpListener, iscsi: Arc<IscsiServer>, sessions: 
                     }
                 };
                 let (rd, wr) = stream.into_split();
-                sessions.spawn(iscsi.clone().serve_connection(rd, wr, peer.to_string(), local));
+                sessions.spawn(iscsi.clone().serve_connection(rd, wr, peer, local));
             }
             Err(e) => accept_failed(e).await,
         }
@@ -323,6 +376,27 @@ async fn accept_unix(listener: UnixListener, nbd: Arc<NbdServer>, sessions: Task
             Err(e) => accept_failed(e).await,
         }
     }
+}
+
+/// Bind the admin endpoint and serve it in the background. A busy default
+/// port is only a warning (another server may hold it).
+async fn start_admin(addr: SocketAddr, is_default: bool, state: Arc<AdminState>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if is_default => {
+            warn!("no admin endpoint: cannot use the default address {addr}: {e} (pick one with --admin ADDR)");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot open the admin endpoint on {addr} (--admin)")),
+    };
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() {
+        warn!("the admin endpoint on {local} is reachable from the network and has no authentication");
+    }
+    // Worded without "listening on": that phrase announces NBD listeners.
+    info!("admin HTTP endpoint at http://{local}/metrics and /status (try: longwire status --admin {local})");
+    tokio::spawn(crate::admin::serve(listener, state, shutdown));
+    Ok(())
 }
 
 /// Out of file descriptors and the like: log and back off instead of spinning.

@@ -78,6 +78,11 @@ impl<L: Layout> Volume for Composite<L> {
         self.parts.iter().flat_map(|p| p.status()).collect()
     }
 
+    /// Every part is closed, even when one fails; the first error wins.
+    async fn close(&self) -> VolumeResult<()> {
+        close(&self.parts).await
+    }
+
     async fn read(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {
         check(self.size(), &self.caps, "read", offset, len as u64, false)?;
         if len == 0 {
@@ -254,6 +259,10 @@ pub async fn cache(parts: &[Arc<dyn Volume>], pieces: Vec<Piece>) -> VolumeResul
 
 pub async fn flush(parts: &[Arc<dyn Volume>]) -> VolumeResult<()> {
     first_error(join_all(parts.iter().map(|p| p.flush())).await).map(drop)
+}
+
+pub async fn close(parts: &[Arc<dyn Volume>]) -> VolumeResult<()> {
+    first_error(join_all(parts.iter().map(|p| p.close())).await).map(drop)
 }
 
 /// Query the parts under the first pieces concurrently and stitch their

@@ -37,6 +37,10 @@ impl Volume for ReadOnly {
         self.inner.status()
     }
 
+    async fn close(&self) -> VolumeResult<()> {
+        self.inner.close().await
+    }
+
     async fn read(&self, offset: u64, len: usize) -> VolumeResult<Bytes> {
         self.inner.read(offset, len).await
     }

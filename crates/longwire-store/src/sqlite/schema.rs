@@ -97,7 +97,7 @@ pub(super) fn connect(path: &Path, read_only: bool) -> rusqlite::Result<Connecti
 }
 
 /// What a file turned out to be.
-enum Kind {
+pub(super) enum Kind {
     /// A new or empty database: no tables, no marks.
     Empty,
     Longwire,
@@ -106,7 +106,7 @@ enum Kind {
 /// Decide whether the database is empty or a longwire database of this
 /// format, without writing anything. Anything else is an `InvalidData`
 /// error saying what was found.
-fn inspect(conn: &Connection, shown: &str) -> io::Result<Kind> {
+pub(super) fn inspect(conn: &Connection, shown: &str) -> io::Result<Kind> {
     let q = |sql: &str| -> io::Result<i64> {
         conn.query_row(sql, [], |r| r.get(0)).map_err(|e| {
             if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
@@ -194,6 +194,28 @@ pub(crate) fn check_chunk_size(chunk: u64) -> Result<(), String> {
 /// Open (creating or growing as asked) volume `name` in the database at
 /// `path` and return its facts. Blocking.
 pub(super) fn open_volume(path: &Path, name: &str, opts: &SqliteOptions) -> io::Result<VolInfo> {
+    open_or_create(path, name, opts, false)
+}
+
+/// Create volume `name` (and the database if missing); an `AlreadyExists`
+/// error if the volume is there already, so a typo cannot silently reuse
+/// somebody's volume. `opts.size` is required. Blocking.
+pub(super) fn create_new_volume(path: &Path, name: &str, opts: &SqliteOptions) -> io::Result<VolInfo> {
+    if opts.size.is_none() || opts.read_only {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "creating a volume needs a size and a writable database",
+        ));
+    }
+    open_or_create(path, name, opts, true)
+}
+
+fn open_or_create(
+    path: &Path,
+    name: &str,
+    opts: &SqliteOptions,
+    must_be_new: bool,
+) -> io::Result<VolInfo> {
     let shown = path.display().to_string();
     let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
     if name.is_empty() {
@@ -296,7 +318,7 @@ pub(super) fn open_volume(path: &Path, name: &str, opts: &SqliteOptions) -> io::
         create_schema(&tx, &shown)?;
         tracing::info!(path = %shown, "created longwire SQLite database");
     }
-    let info = find_or_create(&tx, path, &shown, name, opts)?;
+    let info = find_or_create(&tx, path, &shown, name, opts, must_be_new)?;
     tx.commit()
         .map_err(|e| sql_io(format_args!("cannot commit to {shown}"), e))?;
     if new_file {
@@ -324,6 +346,7 @@ fn find_or_create(
     shown: &str,
     name: &str,
     opts: &SqliteOptions,
+    must_be_new: bool,
 ) -> io::Result<VolInfo> {
     let ctx = |e| sql_io(format_args!("cannot read volume {name:?} from {shown}"), e);
     let row: Option<(i64, i64, i64, String, i64)> = tx
@@ -337,6 +360,12 @@ fn find_or_create(
     let Some((id, stored_size, chunk, compression, version)) = row else {
         return create_volume(tx, path, shown, name, opts);
     };
+    if must_be_new {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{shown} already has a volume {name:?} ({stored_size} bytes)"),
+        ));
+    }
 
     let damaged = |what: String| {
         io::Error::new(
@@ -447,12 +476,17 @@ fn create_volume(
     };
     let chunk = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
     let compression = opts.compression.unwrap_or_default();
+    // Ids are never reused (see `LAST_ID`): a server still holding a
+    // deleted volume open must not write into a new one.
     let id: i64 = tx
         .query_row(
-            "INSERT INTO volumes (name, id, size, chunk_size, compression, format_version, created)
-             VALUES (?1, (SELECT coalesce(max(id), 0) + 1 FROM volumes), ?2, ?3, ?4, ?5,
-                     strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
-             RETURNING id",
+            &format!(
+                "INSERT INTO volumes (name, id, size, chunk_size, compression, format_version, created)
+                 VALUES (?1, max((SELECT coalesce(max(id), 0) FROM volumes),
+                                 (SELECT coalesce(max(value), 0) FROM meta WHERE key = '{LAST_ID}')) + 1,
+                         ?2, ?3, ?4, ?5, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+                 RETURNING id"
+            ),
             params![
                 name,
                 size as i64,
@@ -463,6 +497,8 @@ fn create_volume(
             |r| r.get(0),
         )
         .map_err(|e| sql_io(format_args!("cannot create volume {name:?} in {shown}"), e))?;
+    remember_id(tx, id)
+        .map_err(|e| sql_io(format_args!("cannot create volume {name:?} in {shown}"), e))?;
     tracing::info!(path = %shown, volume = name, size, chunk_size = chunk, %compression, "created SQLite volume");
     Ok(VolInfo {
         id,
@@ -472,6 +508,23 @@ fn create_volume(
         chunk,
         compression,
     })
+}
+
+/// `meta` key holding the highest volume id ever handed out. Older
+/// databases lack it until their next create or delete; `max(id)` covers
+/// them, since nothing was deleted by a build that did not write it.
+pub(super) const LAST_ID: &str = "last_volume_id";
+
+/// Record that volume id `id` has been used, so it is never handed out again.
+pub(super) fn remember_id(tx: &Connection, id: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        &format!(
+            "INSERT INTO meta (key, value) VALUES ('{LAST_ID}', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
+        ),
+        [id],
+    )
+    .map(drop)
 }
 
 /// `65536` → `64K`, for messages that echo what the user would write.

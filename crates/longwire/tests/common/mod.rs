@@ -19,8 +19,9 @@
 
 pub mod fuse;
 pub mod json;
-pub mod raw;
 pub mod pki;
+pub mod raw;
+pub mod s3;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -22,9 +22,21 @@ pub fn make_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-config", &format!("{name}.cnf"), "-newkey", "ec", "-pkeyopt",
-            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", &format!("{name}-key.pem"), "-out",
-            &format!("{name}-cert.pem"), "-days", "3650",
+            "req",
+            "-x509",
+            "-config",
+            &format!("{name}.cnf"),
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}-cert.pem"),
+            "-days",
+            "3650",
         ],
     );
 }
@@ -34,8 +46,19 @@ pub fn make_leaf(dir: &Path, ca: &str, name: &str, subject: &str, extra: &str, s
     openssl(
         dir,
         &[
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-            &format!("{name}-key.pem"), "-out", &format!("{name}.csr"), "-subj", subject,
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
         ],
     );
     // qemu insists on keyEncipherment when keyUsage is critical.
@@ -44,9 +67,22 @@ pub fn make_leaf(dir: &Path, ca: &str, name: &str, subject: &str, extra: &str, s
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}-cert.pem"), "-CAkey",
-            &format!("{ca}-key.pem"), "-set_serial", &serial.to_string(), "-days", "365", "-out",
-            &format!("{name}-cert.pem"), "-extfile", &format!("{name}.ext"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}-cert.pem"),
+            "-CAkey",
+            &format!("{ca}-key.pem"),
+            "-set_serial",
+            &serial.to_string(),
+            "-days",
+            "365",
+            "-out",
+            &format!("{name}-cert.pem"),
+            "-extfile",
+            &format!("{name}.ext"),
         ],
     );
 }
@@ -57,8 +93,11 @@ pub fn client_dir(dir: &Path, sub: &str, who: Option<&str>) {
     std::fs::create_dir_all(&d).unwrap();
     std::fs::copy(dir.join("ca-cert.pem"), d.join("ca-cert.pem")).unwrap();
     if let Some(who) = who {
-        std::fs::copy(dir.join(format!("{who}-cert.pem")), d.join("client-cert.pem")).unwrap();
+        std::fs::copy(
+            dir.join(format!("{who}-cert.pem")),
+            d.join("client-cert.pem"),
+        )
+        .unwrap();
         std::fs::copy(dir.join(format!("{who}-key.pem")), d.join("client-key.pem")).unwrap();
     }
 }
-

@@ -1,0 +1,414 @@
+//! Chunk I/O between the cache and the bucket: loading (with read-ahead),
+//! read-modify-write, zeroing, uploading (in the background, on FLUSH and
+//! FUA), and the tasks that keep uploads and the lease going.
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+use longwire_core::{VolumeError, VolumeResult};
+use object_store::PutMode;
+use parking_lot::Mutex;
+use tokio::sync::{Mutex as AsyncMutex, MutexGuard, Notify};
+
+use super::bucket::{Bucket, MAX_REQUESTS};
+use super::cache::{Cache, Lookup};
+use super::codec;
+use super::lease::Lease;
+use super::manifest::Layout;
+
+/// Dirty chunks are uploaded at least this often, so data does not sit
+/// in the cache for long even without a FLUSH.
+const WRITEBACK_INTERVAL: Duration = Duration::from_secs(1);
+/// How far ahead of a sequential reader chunks are fetched.
+const READAHEAD_BYTES: u64 = 8 << 20;
+/// Lock stripes: chunk `i` uses stripe `i % STRIPES`.
+const STRIPES: usize = 256;
+
+/// Per-chunk async locks, striped so memory stays fixed.
+struct Stripes(Vec<AsyncMutex<()>>);
+
+impl Stripes {
+    fn new() -> Stripes {
+        Stripes((0..STRIPES).map(|_| AsyncMutex::new(())).collect())
+    }
+    async fn lock(&self, index: u64) -> MutexGuard<'_, ()> {
+        self.0[(index % STRIPES as u64) as usize].lock().await
+    }
+}
+
+pub(super) struct Engine {
+    pub bucket: Bucket,
+    pub layout: Layout,
+    /// `s3://bucket/prefix`, for messages.
+    pub name: String,
+    pub size: u64,
+    pub chunk: u64,
+    pub zstd: bool,
+    pub cache: Cache,
+    pub lease: Option<Arc<Lease>>,
+    /// Serializes changes to one chunk (read-modify-write, upload snapshot,
+    /// marking uploaded, filling the cache from the bucket).
+    chunk_locks: Stripes,
+    /// Keeps uploads of one chunk in order, so an older version never
+    /// lands after a newer one.
+    upload_locks: Stripes,
+    pub uploads_in_flight: AtomicU64,
+    /// Signalled when uploads free cache space.
+    room: Notify,
+    wake_uploader: Notify,
+    last_read_end: AtomicU64,
+    prefetching: Mutex<HashSet<u64>>,
+}
+
+impl Engine {
+    pub fn new(
+        bucket: Bucket,
+        layout: Layout,
+        name: String,
+        size: u64,
+        chunk: u64,
+        zstd: bool,
+        cache: Cache,
+        lease: Option<Arc<Lease>>,
+    ) -> Engine {
+        Engine {
+            bucket,
+            layout,
+            name,
+            size,
+            chunk,
+            zstd,
+            cache,
+            lease,
+            chunk_locks: Stripes::new(),
+            upload_locks: Stripes::new(),
+            uploads_in_flight: AtomicU64::new(0),
+            room: Notify::new(),
+            wake_uploader: Notify::new(),
+            last_read_end: AtomicU64::new(u64::MAX),
+            prefetching: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Run blocking cache file work off the reactor.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Engine) -> io::Result<T> + Send + 'static,
+    ) -> VolumeResult<T> {
+        let me = Arc::clone(self);
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| {
+                VolumeError::Io(io::Error::other(format!("{name}: cache task failed: {e}")))
+            })?
+            .map_err(|e| {
+                VolumeError::Io(io::Error::new(
+                    e.kind(),
+                    format!("{name}: local cache: {e}"),
+                ))
+            })
+    }
+
+    fn chunk_error(&self, index: u64, what: &str) -> VolumeError {
+        let start = index * self.chunk;
+        let msg = format!(
+            "{}: chunk {index} (bytes {start}..{}, object {}) is corrupt: {what}",
+            self.name,
+            start + self.chunk,
+            self.layout.chunk(index)
+        );
+        tracing::error!("{msg}");
+        VolumeError::Io(io::Error::new(io::ErrorKind::InvalidData, msg))
+    }
+
+    fn check_lease(&self) -> VolumeResult<()> {
+        if let Some(lease) = &self.lease {
+            lease.check().map_err(|e| {
+                let msg = format!("{}: {e}", self.name);
+                tracing::error!("{msg}");
+                VolumeError::Io(io::Error::other(msg))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The contents of chunk `index` (None: all zeros). `locked`: the
+    /// caller holds the chunk's lock already.
+    pub async fn load(self: &Arc<Self>, index: u64, locked: bool) -> VolumeResult<Option<Vec<u8>>> {
+        for _ in 0..8 {
+            match self.cache.lookup(index) {
+                Lookup::Zero => return Ok(None),
+                Lookup::File(path) => {
+                    if let Some(d) = self.blocking(move |e| e.cache.read_file(&path)).await? {
+                        return Ok(Some(d));
+                    }
+                    // Moved or evicted meanwhile: look again.
+                }
+                Lookup::Remote => {
+                    let _guard = if locked {
+                        None
+                    } else {
+                        Some(self.chunk_locks.lock(index).await)
+                    };
+                    if !matches!(self.cache.lookup(index), Lookup::Remote) {
+                        continue;
+                    }
+                    return self.fetch(index).await;
+                }
+            }
+        }
+        Err(VolumeError::Io(io::Error::other(format!(
+            "{}: chunk {index} kept moving in the cache; giving up",
+            self.name
+        ))))
+    }
+
+    /// Download chunk `index` and keep it in the cache. The caller holds
+    /// the chunk's lock, so no write can slip in between.
+    async fn fetch(self: &Arc<Self>, index: u64) -> VolumeResult<Option<Vec<u8>>> {
+        let key = self.layout.chunk(index);
+        let got = self.bucket.get(&key).await.map_err(|e| {
+            self.bucket.io_error(
+                &format!("reading chunk {index} of {}", self.layout.prefix),
+                e,
+            )
+        })?;
+        let Some(got) = got else {
+            // Deleted behind our back: a missing chunk reads as zeros.
+            return Ok(None);
+        };
+        let data = codec::decode(&got.bytes, self.chunk as usize)
+            .map_err(|e| self.chunk_error(index, &e))?;
+        let copy = data.clone();
+        self.blocking(move |e| {
+            e.cache.put_clean(index, &copy);
+            Ok(())
+        })
+        .await?;
+        Ok(Some(data))
+    }
+
+    /// Note a read of `[offset, end)`; if it continues a sequential stream,
+    /// fetch the chunks after it in the background.
+    pub fn read_ahead(self: &Arc<Self>, offset: u64, end: u64) {
+        let last = self.last_read_end.swap(end, Ordering::Relaxed);
+        if last == u64::MAX || offset.abs_diff(last) > READAHEAD_BYTES / 2 {
+            return;
+        }
+        let first = end.div_ceil(self.chunk);
+        let count = (READAHEAD_BYTES / self.chunk).clamp(2, 32);
+        let last_chunk = (self.size - 1) / self.chunk;
+        for index in first..(first + count).min(last_chunk + 1) {
+            if self.cache.lookup_is_remote(index) && self.prefetching.lock().insert(index) {
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    let _ = me.load(index, false).await;
+                    me.prefetching.lock().remove(&index);
+                });
+            }
+        }
+    }
+
+    /// Wait until dirty chunks leave room for one more.
+    async fn wait_for_room(&self) -> VolumeResult<()> {
+        let started = Instant::now();
+        while self.cache.full() {
+            self.wake_uploader.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.room.notified()).await;
+            if started.elapsed() > self.bucket.timeout {
+                let msg = format!(
+                    "{}: the write-back cache ({} dirty) has not drained for {} s: uploads to {} are failing",
+                    self.name,
+                    crate::s3::human(self.cache.dirty_bytes()),
+                    self.bucket.timeout.as_secs(),
+                    self.bucket.name
+                );
+                tracing::error!("{msg}");
+                return Err(VolumeError::Io(io::Error::other(msg)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `data` at byte `start` of chunk `index` into the cache.
+    pub async fn write_piece(
+        self: &Arc<Self>,
+        index: u64,
+        start: usize,
+        data: Bytes,
+    ) -> VolumeResult<()> {
+        self.check_lease()?;
+        self.wait_for_room().await?;
+        let _guard = self.chunk_locks.lock(index).await;
+        let chunk = self.chunk as usize;
+        let whole = if start == 0 && data.len() == chunk {
+            data.to_vec()
+        } else {
+            let mut cur = self
+                .load(index, true)
+                .await?
+                .unwrap_or_else(|| vec![0u8; chunk]);
+            cur[start..start + data.len()].copy_from_slice(&data);
+            cur
+        };
+        self.blocking(move |e| {
+            if codec::is_zero(&whole) {
+                e.cache.put_dirty(index, None)
+            } else {
+                e.cache.put_dirty(index, Some(&whole))
+            }
+        })
+        .await
+    }
+
+    /// Make chunk `index` all zeros (its object will be deleted).
+    pub async fn zero_chunk(self: &Arc<Self>, index: u64) -> VolumeResult<()> {
+        self.check_lease()?;
+        let _guard = self.chunk_locks.lock(index).await;
+        self.blocking(move |e| e.cache.put_dirty(index, None)).await
+    }
+
+    /// Upload the current version of chunk `index` if it is dirty.
+    pub async fn upload(self: &Arc<Self>, index: u64) -> VolumeResult<()> {
+        self.check_lease()?;
+        let _order = self.upload_locks.lock(index).await;
+        let snap = {
+            let _guard = self.chunk_locks.lock(index).await;
+            self.blocking(move |e| e.cache.snapshot(index)).await?
+        };
+        let Some(snap) = snap else { return Ok(()) };
+        let key = self.layout.chunk(index);
+        self.uploads_in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = match &snap.data {
+            Some(d) => {
+                let body = Bytes::from(codec::encode(d, self.zstd));
+                self.bucket
+                    .put(&key, body, PutMode::Overwrite)
+                    .await
+                    .map(|_| ())
+            }
+            None => self.bucket.delete(&key).await,
+        };
+        self.uploads_in_flight.fetch_sub(1, Ordering::Relaxed);
+        result.map_err(|e| {
+            self.bucket.io_error(
+                &format!("uploading chunk {index} of {}", self.layout.prefix),
+                e,
+            )
+        })?;
+        let present = snap.data.is_some();
+        let gen = snap.gen;
+        {
+            let _guard = self.chunk_locks.lock(index).await;
+            self.blocking(move |e| {
+                e.cache.uploaded(index, gen, present);
+                Ok(())
+            })
+            .await?;
+        }
+        self.room.notify_waiters();
+        Ok(())
+    }
+
+    /// Upload `indices`, `MAX_REQUESTS` at a time; the first error wins
+    /// (the others are still attempted).
+    pub async fn upload_all(self: &Arc<Self>, indices: Vec<u64>) -> VolumeResult<()> {
+        let results: Vec<VolumeResult<()>> = stream::iter(indices)
+            .map(|i| {
+                let me = Arc::clone(self);
+                async move { me.upload(i).await }
+            })
+            .buffer_unordered(MAX_REQUESTS)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// Upload every chunk that is dirty now: what FLUSH promises.
+    pub async fn flush(self: &Arc<Self>) -> VolumeResult<()> {
+        self.check_lease()?;
+        let dirty = self.cache.dirty();
+        self.upload_all(dirty).await
+    }
+
+    /// Start the background uploader and lease renewal; both stop when the
+    /// engine is dropped.
+    pub fn spawn_tasks(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(uploader(weak));
+        if let Some(lease) = &self.lease {
+            let weak = Arc::downgrade(self);
+            let every = lease.ttl / 3;
+            tokio::spawn(renewer(weak, every));
+        }
+    }
+}
+
+async fn uploader(weak: Weak<Engine>) {
+    let mut failing = false;
+    loop {
+        let wake = match weak.upgrade() {
+            Some(e) => {
+                let notified = Arc::clone(&e);
+                drop(e);
+                notified
+            }
+            None => return,
+        };
+        tokio::select! {
+            _ = wake.wake_uploader.notified() => {}
+            _ = tokio::time::sleep(WRITEBACK_INTERVAL) => {}
+        }
+        drop(wake);
+        let Some(engine) = weak.upgrade() else { return };
+        let dirty = engine.cache.dirty();
+        if dirty.is_empty() {
+            continue;
+        }
+        match engine.upload_all(dirty).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(
+                        "{}: uploads to {} work again",
+                        engine.name,
+                        engine.bucket.name
+                    );
+                }
+                failing = false
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("{}: background upload failed, will retry: {e}", engine.name);
+                }
+                failing = true;
+                drop(engine);
+                tokio::time::sleep(WRITEBACK_INTERVAL).await;
+            }
+        }
+    }
+}
+
+async fn renewer(weak: Weak<Engine>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(engine) = weak.upgrade() else { return };
+        let Some(lease) = engine.lease.clone() else {
+            return;
+        };
+        if let Err(e) = lease.renew(&engine.bucket, &engine.layout).await {
+            if lease.is_released() {
+                return; // closed: the lease was given back on purpose
+            }
+            tracing::error!("{}: lease renewal failed: {e}", engine.name);
+            if lease.check().is_err() && e.contains("taken over") {
+                return;
+            }
+        }
+    }
+}
