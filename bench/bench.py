@@ -586,7 +586,9 @@ def report(results, workloads, args, elapsed):
         "- CPU s/GiB: server CPU time (user+system, whole process tree, from /proc) per GiB moved.",
         "- RSS: peak resident memory of the server process tree during the run.",
         "- Ratio: longwire ÷ best peer on that metric (throughput: higher is better; CPU and RSS: lower is better).",
-        (f"- Total time: {elapsed / 60:.1f} min." if elapsed == elapsed else "- Rewritten from the saved BENCHMARKS.json."),
+        (f"- {'Time of this run' if args.only or args.servers else 'Total time'}: {elapsed / 60:.1f} min; "
+         f"load average (1 min) at its start {args.load:.1f} on {os.cpu_count()} cores."
+         if elapsed == elapsed else "- Rewritten from the saved BENCHMARKS.json."),
         "",
         "| tool | version |",
         "|---|---|",
@@ -694,6 +696,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.reps, args.runtime, args.ramp = 1, 2, 0
+    args.load = os.getloadavg()[0]  # other work on the machine skews every number
 
     if args.from_json:
         results = load_saved(args.from_json)

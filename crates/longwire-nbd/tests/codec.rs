@@ -400,3 +400,46 @@ fn decoder_refuses_everything_at_shutdown_and_rejects_bad_framing() {
     let mut buf = BytesMut::from(&header(true, 0, CMD_READ, 0, 512)[..]);
     assert!(matches!(d.decode(&mut buf, &lim, None), Err(FramingError::BadMagic(_))));
 }
+
+#[test]
+fn address_allow_lists_hide_exports() {
+    use longwire_core::{AddressPolicy, AllowList};
+    let reg = registry();
+    // "disk" is for 10.0.0.0/8 only; "other" (and the empty name's
+    // default, "disk") follow from that.
+    let policy = Arc::new(AddressPolicy::new(
+        AllowList::Any,
+        [("disk".to_string(), AllowList::parse(&["10.0.0.0/8"]).unwrap())].into(),
+    ));
+    let listed = |peer: Option<&str>| {
+        let mut hs = Handshake::new();
+        hs.set_client_address(policy.clone(), peer.map(|p| p.parse().unwrap()));
+        let mut out = BytesMut::new();
+        hs.handle_option(OPT_LIST, &[], &reg, &mut out);
+        replies(&out).iter().filter(|r| r.1 == REP_SERVER).count()
+    };
+    assert_eq!(listed(Some("10.1.2.3")), 2);
+    assert_eq!(listed(Some("::ffff:10.1.2.3")), 2, "IPv4-mapped clients match IPv4 rules");
+    assert_eq!(listed(None), 2, "unix-socket clients see everything");
+    assert_eq!(listed(Some("192.168.0.1")), 1);
+
+    let mut hs = Handshake::new();
+    hs.set_client_address(policy.clone(), Some("192.168.0.1".parse().unwrap()));
+    for name in ["disk", ""] {
+        for opt in [OPT_INFO, OPT_GO] {
+            let mut out = BytesMut::new();
+            assert!(matches!(hs.handle_option(opt, &go_payload(name, &[]), &reg, &mut out), Step::Continue));
+            let r = replies(&out);
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].1, REP_ERR_UNKNOWN, "{name:?} must look unknown");
+            assert_eq!(String::from_utf8_lossy(&r[0].2), format!("no export named {name:?}; NBD_OPT_LIST shows the exports"));
+        }
+    }
+    let mut out = BytesMut::new();
+    assert!(matches!(hs.handle_option(OPT_GO, &go_payload("other", &[]), &reg, &mut out), Step::Transmit(_)));
+    let mut hs = Handshake::new();
+    hs.set_client_address(policy, Some("192.168.0.1".parse().unwrap()));
+    let mut out = BytesMut::new();
+    assert!(matches!(hs.handle_option(OPT_EXPORT_NAME, b"disk", &reg, &mut out), Step::Close));
+    assert!(out.is_empty());
+}

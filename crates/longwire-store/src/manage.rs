@@ -70,6 +70,11 @@ pub struct VolumeInfo {
     pub created: Option<String>,
     /// Files: not a regular file but a block device.
     pub block_device: bool,
+    /// S3: how this server enforces the single-writer lease, probed now:
+    /// `conditional`, or `best-effort` where it ignores conditional writes.
+    pub lease_mode: Option<String>,
+    /// S3: who holds the lease (`free` when nobody does).
+    pub lease: Option<String>,
 }
 
 /// What `create` makes. Values also given in the URI (`size=`,
@@ -279,6 +284,8 @@ fn sqlite_info(path: &Path, r: VolumeRecord) -> VolumeInfo {
         chunks: Some(r.chunks),
         created: Some(r.created),
         block_device: false,
+        lease_mode: None,
+        lease: None,
     }
 }
 
@@ -387,6 +394,8 @@ fn file_info(path: &Path) -> io::Result<VolumeInfo> {
         chunks: None,
         created: None,
         block_device,
+        lease_mode: None,
+        lease: None,
     })
 }
 

@@ -58,16 +58,24 @@ pub fn decode(block: &[u8], index: u64) -> Observed {
         return Observed::Zero;
     }
     if &block[0..8] != MAGIC {
-        return Observed::Torn { reason: "no block header (foreign or partly zero data)" };
+        return Observed::Torn {
+            reason: "no block header (foreign or partly zero data)",
+        };
     }
     let crc = u32::from_le_bytes(block[CRC_AT..].try_into().unwrap());
     if crc32c::crc32c(&block[..CRC_AT]) != crc {
-        return Observed::Torn { reason: "checksum mismatch (torn or corrupted block)" };
+        return Observed::Torn {
+            reason: "checksum mismatch (torn or corrupted block)",
+        };
     }
     let word = |at: usize| u64::from_le_bytes(block[at..at + 8].try_into().unwrap());
     let (found, seq, write_id) = (word(8), word(16), word(24));
     if found != index {
-        return Observed::Misplaced { index: found, seq, write_id };
+        return Observed::Misplaced {
+            index: found,
+            seq,
+            write_id,
+        };
     }
     Observed::Data { seq, write_id }
 }
@@ -84,7 +92,13 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        assert_eq!(decode(&block(9, 3, 77), 9), Observed::Data { seq: 3, write_id: 77 });
+        assert_eq!(
+            decode(&block(9, 3, 77), 9),
+            Observed::Data {
+                seq: 3,
+                write_id: 77
+            }
+        );
         assert_eq!(decode(&vec![0; BLOCK_SIZE], 9), Observed::Zero);
     }
 
@@ -104,6 +118,13 @@ mod tests {
 
     #[test]
     fn a_misdirected_block_is_caught() {
-        assert_eq!(decode(&block(5, 1, 2), 6), Observed::Misplaced { index: 5, seq: 1, write_id: 2 });
+        assert_eq!(
+            decode(&block(5, 1, 2), 6),
+            Observed::Misplaced {
+                index: 5,
+                seq: 1,
+                write_id: 2
+            }
+        );
     }
 }

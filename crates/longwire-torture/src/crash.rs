@@ -46,7 +46,11 @@ impl CrashOptions {
             longwire,
             size: 64 << 20,
             run_for: (Duration::from_millis(200), Duration::from_secs(3)),
-            writer: WriterConfig { queue_depth: 32, max_blocks: 16, ..WriterConfig::default() },
+            writer: WriterConfig {
+                queue_depth: 32,
+                max_blocks: 16,
+                ..WriterConfig::default()
+            },
             connections: 2,
         }
     }
@@ -70,7 +74,10 @@ pub struct CrashSummary {
 fn client_config(connections: usize) -> ClientConfig {
     ClientConfig {
         request_timeout: Duration::from_secs(30),
-        reconnect: ReconnectPolicy { enabled: false, ..ReconnectPolicy::default() },
+        reconnect: ReconnectPolicy {
+            enabled: false,
+            ..ReconnectPolicy::default()
+        },
         connections,
         max_in_flight: 64,
         ..ClientConfig::default()
@@ -78,12 +85,30 @@ fn client_config(connections: usize) -> ClientConfig {
 }
 
 async fn start(opts: &CrashOptions, backing: &Backing) -> anyhow::Result<ServerProcess> {
-    let (bin, uri, env) = (opts.longwire.clone(), backing.uri.clone(), backing.env.clone());
-    tokio::task::spawn_blocking(move || ServerProcess::start_with_env(&bin, EXPORT, &uri, &[], &env)).await?
+    let (bin, uri, env) = (
+        opts.longwire.clone(),
+        backing.uri.clone(),
+        backing.env.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        ServerProcess::start_with_env(&bin, EXPORT, &uri, &[], &env)
+    })
+    .await?
 }
 
-fn fail_report(what: &str, opts: &CrashOptions, round: u32, v: &Verified, server: &ServerProcess) -> anyhow::Error {
-    let shown: Vec<String> = v.problems.iter().take(10).map(|p| format!("  {p}")).collect();
+fn fail_report(
+    what: &str,
+    opts: &CrashOptions,
+    round: u32,
+    v: &Verified,
+    server: &ServerProcess,
+) -> anyhow::Error {
+    let shown: Vec<String> = v
+        .problems
+        .iter()
+        .take(10)
+        .map(|p| format!("  {p}"))
+        .collect();
     anyhow::anyhow!(
         "{what}: {} block(s) wrong after the restart following round {round} (store {}, seed {}; replay with --seed {} --rounds {round}):\n{}\n--- server log (tail) ---\n{}",
         v.problems.len(),
@@ -97,7 +122,10 @@ fn fail_report(what: &str, opts: &CrashOptions, round: u32, v: &Verified, server
 
 /// Run the rounds; `report` gets one line per round. An error names the
 /// round, the seed and the blocks that were wrong.
-pub async fn run(opts: &CrashOptions, mut report: impl FnMut(String)) -> anyhow::Result<CrashSummary> {
+pub async fn run(
+    opts: &CrashOptions,
+    mut report: impl FnMut(String),
+) -> anyhow::Result<CrashSummary> {
     let dir = tempfile::tempdir().context("creating a temp dir")?;
     let backing = opts.store.open(dir.path(), opts.size)?;
     let blocks = opts.size / BLOCK_SIZE as u64;
@@ -109,23 +137,35 @@ pub async fn run(opts: &CrashOptions, mut report: impl FnMut(String)) -> anyhow:
     let mut pending: Option<String> = None;
     for round in 0..=opts.rounds {
         let server = start(opts, &backing).await?;
-        let client = NbdClient::connect(&format!("nbd://{}/{EXPORT}", server.addr()), client_config(opts.connections))
-            .await
-            .with_context(|| format!("connecting after restart {round}"))?;
+        let client = NbdClient::connect(
+            &format!("nbd://{}/{EXPORT}", server.addr()),
+            client_config(opts.connections),
+        )
+        .await
+        .with_context(|| format!("connecting after restart {round}"))?;
         // What survived the last kill, judged against what was covered.
-        let v = verify_all(&client, &ledger, Floor::Covered, true).await.map_err(anyhow::Error::msg)?;
+        let v = verify_all(&client, &ledger, Floor::Covered, true)
+            .await
+            .map_err(anyhow::Error::msg)?;
         if !v.problems.is_empty() {
             return Err(fail_report("DATA LOSS", opts, round, &v, &server));
         }
         sum.covered_blocks_verified += v.covered_this_round;
         sum.blocks_verified += v.blocks;
         if let Some(line) = pending.take() {
-            report(format!("{line}; after restart: {} blocks covered this round all present, none torn", v.covered_this_round));
+            report(format!(
+                "{line}; after restart: {} blocks covered this round all present, none torn",
+                v.covered_this_round
+            ));
         }
         if round == opts.rounds {
-            report(format!("final check: {} blocks read, {} zero", v.blocks, v.zero_blocks));
+            report(format!(
+                "final check: {} blocks read, {} zero",
+                v.blocks, v.zero_blocks
+            ));
             client.close().await;
-            let _ = tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(15))).await?;
+            let _ = tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(15)))
+                .await?;
             break;
         }
         // The rebased state must be durable before new writes pile on it.
@@ -133,14 +173,25 @@ pub async fn run(opts: &CrashOptions, mut report: impl FnMut(String)) -> anyhow:
 
         let run_for = rng.duration(opts.run_for.0, opts.run_for.1);
         let stop = CancellationToken::new();
-        let w = tokio::spawn(writer::run(client.clone(), ledger.clone(), opts.writer.clone(), rng.next_u64(), stop.clone()));
+        let w = tokio::spawn(writer::run(
+            client.clone(),
+            ledger.clone(),
+            opts.writer.clone(),
+            rng.next_u64(),
+            stop.clone(),
+        ));
         tokio::time::sleep(run_for).await;
         tokio::task::spawn_blocking(move || server.kill()).await?;
         stop.cancel();
         let r = w.await?;
         drop(client);
         if !r.problems.is_empty() {
-            bail!("a read during round {} found wrong data (seed {}): {}", round + 1, opts.seed, r.problems[0]);
+            bail!(
+                "a read during round {} found wrong data (seed {}): {}",
+                round + 1,
+                opts.seed,
+                r.problems[0]
+            );
         }
         if r.counts.writes == 0 && round > 0 {
             if let Some(e) = &r.first_error {

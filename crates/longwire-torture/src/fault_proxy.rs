@@ -83,7 +83,10 @@ pub struct Faults {
 impl Faults {
     /// A plain proxy: no random faults (manual controls still work).
     pub fn none() -> Faults {
-        Faults { mean_interval: None, ..Faults::chaos(0, Duration::from_secs(1)) }
+        Faults {
+            mean_interval: None,
+            ..Faults::chaos(0, Duration::from_secs(1))
+        }
     }
 
     /// Every kind of fault, one per `mean_interval` on average per direction.
@@ -91,7 +94,14 @@ impl Faults {
         Faults {
             seed,
             mean_interval: Some(mean_interval),
-            weights: FaultWeights { stall: 3, delay: 3, split: 3, drop: 1, reset: 2, close: 1 },
+            weights: FaultWeights {
+                stall: 3,
+                delay: 3,
+                split: 3,
+                drop: 1,
+                reset: 2,
+                close: 1,
+            },
             stall: (Duration::from_millis(200), Duration::from_secs(4)),
             delay: (Duration::from_millis(1), Duration::from_millis(40)),
             episode: (Duration::from_millis(100), Duration::from_secs(2)),
@@ -165,7 +175,11 @@ impl FaultProxy {
     /// Listen on a free loopback port (of the target's address family) and
     /// forward every connection to `target`.
     pub async fn start(target: SocketAddr, faults: Faults) -> io::Result<FaultProxy> {
-        let bind: SocketAddr = if target.is_ipv4() { (Ipv4Addr::LOCALHOST, 0).into() } else { (Ipv6Addr::LOCALHOST, 0).into() };
+        let bind: SocketAddr = if target.is_ipv4() {
+            (Ipv4Addr::LOCALHOST, 0).into()
+        } else {
+            (Ipv6Addr::LOCALHOST, 0).into()
+        };
         let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -188,7 +202,14 @@ impl FaultProxy {
 
     /// Reset every live connection now (RST to both peers).
     pub fn cut_all(&self) {
-        let conns: Vec<_> = self.shared.conns.lock().unwrap().values().cloned().collect();
+        let conns: Vec<_> = self
+            .shared
+            .conns
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
         for c in conns {
             if c.reset() {
                 self.shared.counters.cut.fetch_add(1, Ordering::Relaxed);
@@ -314,15 +335,23 @@ async fn connection(client: TcpStream, id: u64, shared: Arc<Shared>) {
     let server = match connect {
         Ok(Ok(s)) => s,
         _ => {
-            shared.counters.target_failed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .target_failed
+                .fetch_add(1, Ordering::Relaxed);
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
             return;
         }
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let (Ok((client, c_dup)), Ok((server, s_dup))) = (duplicate(client), duplicate(server)) else { return };
-    let control = Arc::new(Control { sockets: [c_dup, s_dup], end: shared.stop.child_token() });
+    let (Ok((client, c_dup)), Ok((server, s_dup))) = (duplicate(client), duplicate(server)) else {
+        return;
+    };
+    let control = Arc::new(Control {
+        sockets: [c_dup, s_dup],
+        end: shared.stop.child_token(),
+    });
     shared.conns.lock().unwrap().insert(id, control.clone());
     shared.counters.live.fetch_add(1, Ordering::Relaxed);
 
@@ -330,8 +359,20 @@ async fn connection(client: TcpStream, id: u64, shared: Arc<Shared>) {
     let mut rng = Rng::new(faults.seed ^ id.wrapping_mul(0xA24B_AED4_963E_E407));
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = Pump { shared: &shared, control: &control, faults: &faults, rng: rng.fork(1), to_target: true };
-    let down = Pump { shared: &shared, control: &control, faults: &faults, rng: rng.fork(2), to_target: false };
+    let up = Pump {
+        shared: &shared,
+        control: &control,
+        faults: &faults,
+        rng: rng.fork(1),
+        to_target: true,
+    };
+    let down = Pump {
+        shared: &shared,
+        control: &control,
+        faults: &faults,
+        rng: rng.fork(2),
+        to_target: false,
+    };
     tokio::join!(up.run(cr, sw), down.run(sr, cw));
 
     shared.conns.lock().unwrap().remove(&id);
@@ -365,13 +406,29 @@ enum Fault {
 
 impl Pump<'_> {
     fn next_fault_at(&mut self) -> Option<Instant> {
-        self.faults.mean_interval.map(|m| Instant::now() + self.rng.exponential(m))
+        self.faults
+            .mean_interval
+            .map(|m| Instant::now() + self.rng.exponential(m))
     }
 
     fn pick(&mut self) -> Option<Fault> {
         let w = self.faults.weights;
-        let i = self.rng.weighted(&[w.stall, w.delay, w.split, w.drop, w.reset, w.close])?;
-        Some([Fault::Stall, Fault::Delay, Fault::Split, Fault::Drop, Fault::Reset, Fault::Close].into_iter().nth(i).unwrap())
+        let i = self
+            .rng
+            .weighted(&[w.stall, w.delay, w.split, w.drop, w.reset, w.close])?;
+        Some(
+            [
+                Fault::Stall,
+                Fault::Delay,
+                Fault::Split,
+                Fault::Drop,
+                Fault::Reset,
+                Fault::Close,
+            ]
+            .into_iter()
+            .nth(i)
+            .unwrap(),
+        )
     }
 
     /// Sleep unless the connection ends first; false if it ended.
@@ -400,7 +457,11 @@ impl Pump<'_> {
 
     async fn pump(&mut self, from: &mut OwnedReadHalf, to: &mut OwnedWriteHalf) {
         let c = &self.shared.counters;
-        let bytes = if self.to_target { &c.to_target } else { &c.from_target };
+        let bytes = if self.to_target {
+            &c.to_target
+        } else {
+            &c.from_target
+        };
         let mut next_fault = self.next_fault_at();
         let mut ep = Episodes::default();
         let mut buf = vec![0u8; 64 * 1024];
@@ -435,11 +496,19 @@ impl Pump<'_> {
                     }
                     Some(Fault::Delay) => {
                         c.delays.fetch_add(1, Ordering::Relaxed);
-                        ep.delay_until = Some(now + self.rng.duration(self.faults.episode.0, self.faults.episode.1));
+                        ep.delay_until = Some(
+                            now + self
+                                .rng
+                                .duration(self.faults.episode.0, self.faults.episode.1),
+                        );
                     }
                     Some(Fault::Split) => {
                         c.splits.fetch_add(1, Ordering::Relaxed);
-                        ep.split_until = Some(now + self.rng.duration(self.faults.episode.0, self.faults.episode.1));
+                        ep.split_until = Some(
+                            now + self
+                                .rng
+                                .duration(self.faults.episode.0, self.faults.episode.1),
+                        );
                     }
                     Some(Fault::Drop) => {
                         if !ep.black_hole {

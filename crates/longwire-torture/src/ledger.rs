@@ -58,13 +58,28 @@ struct BlockState {
 impl BlockState {
     fn new() -> BlockState {
         // seq 0 is the fresh volume: zeros.
-        BlockState { entries: vec![Entry { seq: 0, op: Op::Zero }], next_seq: 1, completed: 0, covered: 0, base: 0, busy: false, retired: false }
+        BlockState {
+            entries: vec![Entry {
+                seq: 0,
+                op: Op::Zero,
+            }],
+            next_seq: 1,
+            completed: 0,
+            covered: 0,
+            base: 0,
+            busy: false,
+            retired: false,
+        }
     }
 
     /// Drop history no check can accept any more: everything before the
     /// last non-TRIM operation at or below the covered floor.
     fn prune(&mut self) {
-        let keep_from = self.entries.iter().rposition(|e| e.seq <= self.covered && e.op != Op::Trim).unwrap_or(0);
+        let keep_from = self
+            .entries
+            .iter()
+            .rposition(|e| e.seq <= self.covered && e.op != Op::Trim)
+            .unwrap_or(0);
         self.entries.drain(..keep_from);
     }
 }
@@ -97,7 +112,11 @@ impl std::fmt::Display for Problem {
                 self.floor
             ),
         };
-        write!(f, "block {} {verdict}; history (seq:op): {}", self.block, self.history)
+        write!(
+            f,
+            "block {} {verdict}; history (seq:op): {}",
+            self.block, self.history
+        )
     }
 }
 
@@ -123,7 +142,12 @@ pub struct FlushTicket(Vec<(u32, u64)>);
 
 impl Ledger {
     pub fn new(first: u64, len: u64) -> Ledger {
-        Ledger { first, blocks: (0..len).map(|_| BlockState::new()).collect(), dirty: Vec::new(), stats: LedgerStats::default() }
+        Ledger {
+            first,
+            blocks: (0..len).map(|_| BlockState::new()).collect(),
+            dirty: Vec::new(),
+            stats: LedgerStats::default(),
+        }
     }
 
     pub fn first(&self) -> u64 {
@@ -139,7 +163,9 @@ impl Ledger {
     }
 
     fn at(&mut self, block: u64) -> &mut BlockState {
-        let i = block.checked_sub(self.first).expect("block below the ledger's range");
+        let i = block
+            .checked_sub(self.first)
+            .expect("block below the ledger's range");
         &mut self.blocks[i as usize]
     }
 
@@ -150,7 +176,10 @@ impl Ledger {
             return false;
         }
         let range = (start - self.first) as usize..(start - self.first + n) as usize;
-        if self.blocks[range.clone()].iter().any(|b| b.busy || b.retired) {
+        if self.blocks[range.clone()]
+            .iter()
+            .any(|b| b.busy || b.retired)
+        {
             return false;
         }
         self.blocks[range].iter_mut().for_each(|b| b.busy = true);
@@ -246,15 +275,27 @@ impl Ledger {
 
     /// Judge what was read from `block`. On success returns the seq of the
     /// operation that explains it.
-    pub fn check(&self, block: u64, observed: Observed, floor_kind: Floor) -> Result<u64, Box<Problem>> {
+    pub fn check(
+        &self,
+        block: u64,
+        observed: Observed,
+        floor_kind: Floor,
+    ) -> Result<u64, Box<Problem>> {
         let s = &self.blocks[(block - self.first) as usize];
         let floor = self.floor(block, floor_kind);
         let explains = |e: &Entry| match (observed, e.op) {
             (Observed::Zero, Op::Zero | Op::Trim) => true,
-            (Observed::Data { seq, write_id }, Op::Data { write_id: w }) => seq == e.seq && write_id == w,
+            (Observed::Data { seq, write_id }, Op::Data { write_id: w }) => {
+                seq == e.seq && write_id == w
+            }
             _ => false,
         };
-        let only_trims_until_floor = |from: u64| s.entries.iter().filter(|x| x.seq > from && x.seq <= floor).all(|x| x.op == Op::Trim);
+        let only_trims_until_floor = |from: u64| {
+            s.entries
+                .iter()
+                .filter(|x| x.seq > from && x.seq <= floor)
+                .all(|x| x.op == Op::Trim)
+        };
         for e in s.entries.iter().rev() {
             if explains(e) && (e.seq >= floor || only_trims_until_floor(e.seq)) {
                 return Ok(e.seq);
@@ -271,7 +312,13 @@ impl Ledger {
             })
             .collect::<Vec<_>>()
             .join(" ");
-        Err(Box::new(Problem { block, observed, floor, floor_kind, history }))
+        Err(Box::new(Problem {
+            block,
+            observed,
+            floor,
+            floor_kind,
+            history,
+        }))
     }
 
     /// After a restart the block was read (and explained by `seq`) and
@@ -308,10 +355,22 @@ mod tests {
         l.complete(10, &s2, false);
         assert_eq!(l.check(10, data(1, 1), Floor::Covered), Ok(1));
         assert_eq!(l.check(10, data(2, 2), Floor::Covered), Ok(2));
-        assert!(l.check(10, Observed::Zero, Floor::Covered).is_err(), "the covered write is gone");
-        assert!(l.check(10, data(1, 1), Floor::Completed).is_err(), "a live server lost a completed write");
-        assert!(l.check(10, data(2, 9), Floor::Covered).is_err(), "a write id that was never issued");
-        assert!(l.check(10, data(3, 2), Floor::Covered).is_err(), "a seq that was never issued");
+        assert!(
+            l.check(10, Observed::Zero, Floor::Covered).is_err(),
+            "the covered write is gone"
+        );
+        assert!(
+            l.check(10, data(1, 1), Floor::Completed).is_err(),
+            "a live server lost a completed write"
+        );
+        assert!(
+            l.check(10, data(2, 9), Floor::Covered).is_err(),
+            "a write id that was never issued"
+        );
+        assert!(
+            l.check(10, data(3, 2), Floor::Covered).is_err(),
+            "a seq that was never issued"
+        );
     }
 
     #[test]
@@ -358,8 +417,20 @@ mod tests {
     #[test]
     fn torn_and_misplaced_blocks_are_always_problems() {
         let l = Ledger::new(0, 1);
-        assert!(l.check(0, Observed::Torn { reason: "x" }, Floor::Covered).is_err());
-        assert!(l.check(0, Observed::Misplaced { index: 3, seq: 0, write_id: 0 }, Floor::Covered).is_err());
+        assert!(l
+            .check(0, Observed::Torn { reason: "x" }, Floor::Covered)
+            .is_err());
+        assert!(l
+            .check(
+                0,
+                Observed::Misplaced {
+                    index: 3,
+                    seq: 0,
+                    write_id: 0
+                },
+                Floor::Covered
+            )
+            .is_err());
     }
 
     #[test]
@@ -372,6 +443,10 @@ mod tests {
         l.rebase(0, 0);
         assert!(l.check(0, data(s[0], 1), Floor::Covered).is_err());
         assert!(l.reserve(0, 1));
-        assert_eq!(l.issue(0, 1, Op::Zero), vec![2], "sequence numbers keep growing");
+        assert_eq!(
+            l.issue(0, 1, Op::Zero),
+            vec![2],
+            "sequence numbers keep growing"
+        );
     }
 }

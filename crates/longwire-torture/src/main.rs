@@ -11,7 +11,10 @@ use longwire_torture::store::Store;
 use longwire_torture::{crash, net};
 
 #[derive(Parser)]
-#[command(name = "longwire-torture", about = "Crash and network-fault torture for longwire")]
+#[command(
+    name = "longwire-torture",
+    about = "Crash and network-fault torture for longwire"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -56,16 +59,28 @@ enum Cmd {
         /// Mean milliseconds between faults on each connection direction.
         #[arg(long, default_value_t = 1500)]
         fault_interval_ms: u64,
+        /// Let the NBD client reconnect and re-send by itself (see
+        /// docs/RELIABILITY.md: a late copy of a re-sent write can land).
+        #[arg(long)]
+        reconnecting_client: bool,
     },
 }
 
 fn seed_or_clock(seed: Option<u64>) -> u64 {
-    seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1))
+    seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
             Cmd::Crash { store, rounds, seed, longwire, size_mib, queue_depth } => {
@@ -82,21 +97,22 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Cmd::Net { clients, seconds, seed, longwire, store, fault_interval_ms } => {
+            Cmd::Net { clients, seconds, seed, longwire, store, fault_interval_ms, reconnecting_client } => {
                 let seed = seed_or_clock(seed);
                 let mut opts = net::NetOptions::new(clients, seconds, seed, find_longwire(longwire.as_deref()));
                 opts.fault_interval = Duration::from_millis(fault_interval_ms);
                 opts.store = store;
+                opts.reconnecting_client = reconnecting_client;
                 println!("network-fault torture: {clients} clients, {seconds} s, seed {seed}, {}", opts.longwire.display());
                 let s = net::run(&opts, |l| println!("{l}")).await?;
                 let f = s.faults;
                 println!(
                     "summary: seed {seed}: {} faults injected (stall {}, delay {}, split {}, drop {}, reset {}, close {}; {} connections accepted); \
-                     {} writes ({} FUA), {} flushes, {} trims, {} zeroes, {} reads checked, {} requests failed, {} reconnects, {} re-sent; \
+                     {} writes ({} FUA), {} flushes, {} trims, {} zeroes, {} reads checked, {} requests failed, {} sessions; \
                      {} blocks verified, data lost: 0; clean client {} requests, p99 {:?}, max {:?}; \
                      connections released in {:?}; idle server {:?} vs warm baseline {:?}; SIGTERM with stalled clients: {:?}",
                     f.faults(), f.stalls, f.delays, f.splits, f.drops, f.resets, f.closes, f.accepted,
-                    s.ops.writes, s.ops.fua_writes, s.ops.flushes, s.ops.trims, s.ops.zeroes, s.ops.reads_verified, s.ops.failed, s.reconnects, s.resent,
+                    s.ops.writes, s.ops.fua_writes, s.ops.flushes, s.ops.trims, s.ops.zeroes, s.ops.reads_verified, s.ops.failed, s.sessions,
                     s.blocks_verified, s.probe_requests, s.probe_p99, s.probe_max,
                     s.release_time, s.after.unwrap(), s.baseline.unwrap(), s.shutdown_time
                 );

@@ -41,7 +41,11 @@ impl Rng {
     }
 
     /// A duration uniform in `lo..hi`.
-    pub fn duration(&mut self, lo: std::time::Duration, hi: std::time::Duration) -> std::time::Duration {
+    pub fn duration(
+        &mut self,
+        lo: std::time::Duration,
+        hi: std::time::Duration,
+    ) -> std::time::Duration {
         std::time::Duration::from_micros(self.range(lo.as_micros() as u64, hi.as_micros() as u64))
     }
 

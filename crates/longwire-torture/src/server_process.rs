@@ -45,12 +45,23 @@ pub fn find_longwire(explicit: Option<&Path>) -> PathBuf {
 impl ServerProcess {
     /// `longwire serve --listen 127.0.0.1:0 --export NAME=URI …extra`,
     /// waiting until it logs its NBD address.
-    pub fn start(binary: &Path, export: &str, uri: &str, extra: &[&str]) -> anyhow::Result<ServerProcess> {
+    pub fn start(
+        binary: &Path,
+        export: &str,
+        uri: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<ServerProcess> {
         Self::start_with_env(binary, export, uri, extra, &[])
     }
 
     /// [`ServerProcess::start`] with extra environment variables.
-    pub fn start_with_env(binary: &Path, export: &str, uri: &str, extra: &[&str], env: &[(String, String)]) -> anyhow::Result<ServerProcess> {
+    pub fn start_with_env(
+        binary: &Path,
+        export: &str,
+        uri: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<ServerProcess> {
         let mut child = Command::new(binary)
             .args(["serve", "--listen", "127.0.0.1:0", "--export"])
             .arg(format!("{export}={uri}"))
@@ -83,7 +94,10 @@ impl ServerProcess {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("longwire did not report its NBD address within 30 s; log:\n{}", log.lock().unwrap().join("\n"));
+                bail!(
+                    "longwire did not report its NBD address within 30 s; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
             }
         };
         Ok(ServerProcess { child, addr, log })
@@ -120,7 +134,10 @@ impl ServerProcess {
             if t0.elapsed() > limit {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return Err(anyhow!("longwire did not exit within {limit:?} of SIGTERM; log:\n{}", self.log_tail()));
+                return Err(anyhow!(
+                    "longwire did not exit within {limit:?} of SIGTERM; log:\n{}",
+                    self.log_tail()
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -165,10 +182,14 @@ impl Resources {
     pub fn of(pid: u32) -> anyhow::Result<Resources> {
         let mut sockets = 0;
         let mut fds = 0;
-        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("reading /proc/{pid}/fd"))? {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("reading /proc/{pid}/fd"))?
+        {
             let Ok(e) = e else { continue };
             fds += 1;
-            if std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")) {
+            if std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+            {
                 sockets += 1;
             }
         }
@@ -181,7 +202,12 @@ impl Resources {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        Ok(Resources { sockets, fds, threads: field("Threads:") as usize, rss_kib: field("VmRSS:") })
+        Ok(Resources {
+            sockets,
+            fds,
+            threads: field("Threads:") as usize,
+            rss_kib: field("VmRSS:"),
+        })
     }
 }
 
@@ -190,7 +216,13 @@ mod tests {
     #[test]
     fn parses_the_listening_line() {
         let l = "2026-11-21T10:00:00Z  INFO longwire::serve: NBD listening on 127.0.0.1:41234 (try: nbdinfo 'nbd://127.0.0.1:41234/x')";
-        assert_eq!(super::parse_listening(l), Some("127.0.0.1:41234".parse().unwrap()));
-        assert_eq!(super::parse_listening("iSCSI listening on 127.0.0.1:3260"), None);
+        assert_eq!(
+            super::parse_listening(l),
+            Some("127.0.0.1:41234".parse().unwrap())
+        );
+        assert_eq!(
+            super::parse_listening("iSCSI listening on 127.0.0.1:3260"),
+            None
+        );
     }
 }

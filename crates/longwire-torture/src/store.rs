@@ -30,7 +30,9 @@ impl std::str::FromStr for Store {
             "sqlite" => Ok(Store::Sqlite),
             "s3" => Ok(Store::S3),
             "memory" => Ok(Store::Memory),
-            _ => Err(format!("unknown store {s:?}: use file, sqlite, s3 (or memory, which must fail)")),
+            _ => Err(format!(
+                "unknown store {s:?}: use file, sqlite, s3 (or memory, which must fail)"
+            )),
         }
     }
 }
@@ -69,9 +71,15 @@ impl Store {
             }
             _ => (None, String::new()),
         };
-        let uri = template.replace("{dir}", &dir.display().to_string()).replace("{size}", &size.to_string()).replace("{endpoint}", &endpoint);
+        let uri = template
+            .replace("{dir}", &dir.display().to_string())
+            .replace("{size}", &size.to_string())
+            .replace("{endpoint}", &endpoint);
         let env = if s3.is_some() {
-            vec![("AWS_ACCESS_KEY_ID".into(), S3_KEY.into()), ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET.into())]
+            vec![
+                ("AWS_ACCESS_KEY_ID".into(), S3_KEY.into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET.into()),
+            ]
         } else {
             Vec::new()
         };

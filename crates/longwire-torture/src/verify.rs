@@ -30,13 +30,27 @@ pub struct Verified {
 /// Read every block and check it against `floor`. With `rebase`, each
 /// block's state as read becomes its new history (call only when the
 /// caller then flushes before writing again — see [`Ledger::rebase`]).
-pub async fn verify_all(client: &NbdClient, ledger: &Arc<Mutex<Ledger>>, floor: Floor, rebase: bool) -> Result<Verified, String> {
+pub async fn verify_all(
+    client: &NbdClient,
+    ledger: &Arc<Mutex<Ledger>>,
+    floor: Floor,
+    rebase: bool,
+) -> Result<Verified, String> {
     let (first, len) = {
         let l = ledger.lock().unwrap();
         (l.first(), l.len())
     };
-    let pieces: Vec<(u64, u64)> = (0..len.div_ceil(READ_BLOCKS)).map(|i| (first + i * READ_BLOCKS, READ_BLOCKS.min(len - i * READ_BLOCKS))).collect();
-    let mut reads = stream::iter(pieces).map(|(start, n)| async move { (start, read_blocks(client, start, n).await) }).buffer_unordered(READ_DEPTH);
+    let pieces: Vec<(u64, u64)> = (0..len.div_ceil(READ_BLOCKS))
+        .map(|i| {
+            (
+                first + i * READ_BLOCKS,
+                READ_BLOCKS.min(len - i * READ_BLOCKS),
+            )
+        })
+        .collect();
+    let mut reads = stream::iter(pieces)
+        .map(|(start, n)| async move { (start, read_blocks(client, start, n).await) })
+        .buffer_unordered(READ_DEPTH);
     let mut out = Verified::default();
     while let Some((start, r)) = reads.next().await {
         let data = r?;

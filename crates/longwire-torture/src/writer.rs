@@ -34,7 +34,14 @@ pub struct Mix {
 
 impl Default for Mix {
     fn default() -> Self {
-        Mix { write: 60, write_fua: 8, flush: 6, trim: 3, zero: 3, read: 10 }
+        Mix {
+            write: 60,
+            write_fua: 8,
+            flush: 6,
+            trim: 3,
+            zero: 3,
+            read: 10,
+        }
     }
 }
 
@@ -46,15 +53,24 @@ pub struct WriterConfig {
     /// Largest write, in blocks.
     pub max_blocks: u64,
     pub mix: Mix,
-    /// On a failed request: false stops the writer (crash torture: the
-    /// server is gone); true retires the blocks and carries on (network
-    /// torture: the client reconnects, the server stays up).
+    /// Keep going after a failed request (the client reconnects by
+    /// itself); otherwise a worker stops at its first failure.
     pub survive_failures: bool,
+    /// Never write again to blocks whose request failed. Needed while the
+    /// server stays up: the lost request may still arrive and land after a
+    /// newer write (crash torture needs none: the server is dead).
+    pub retire_on_failure: bool,
 }
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        WriterConfig { queue_depth: 16, max_blocks: 16, mix: Mix::default(), survive_failures: false }
+        WriterConfig {
+            queue_depth: 16,
+            max_blocks: 16,
+            mix: Mix::default(),
+            survive_failures: false,
+            retire_on_failure: false,
+        }
     }
 }
 
@@ -100,9 +116,15 @@ fn lock(l: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
 /// Unique write ids across rounds and workers.
 static WRITE_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Run workers until `stop` fires (or, unless `survive_failures`, until a
-/// request fails or a problem is found).
-pub async fn run(client: NbdClient, ledger: Arc<Mutex<Ledger>>, cfg: WriterConfig, seed: u64, stop: CancellationToken) -> WriterReport {
+/// Run workers until `stop` fires or a problem is found (and, unless
+/// `survive_failures`, each worker until its first failed request).
+pub async fn run(
+    client: NbdClient,
+    ledger: Arc<Mutex<Ledger>>,
+    cfg: WriterConfig,
+    seed: u64,
+    stop: CancellationToken,
+) -> WriterReport {
     let mut cfg = cfg;
     let info = client.info();
     if !info.has_flag(FLAG_SEND_FUA) {
@@ -118,7 +140,13 @@ pub async fn run(client: NbdClient, ledger: Arc<Mutex<Ledger>>, cfg: WriterConfi
     let mut rng = Rng::new(seed);
     let workers: Vec<_> = (0..cfg.queue_depth)
         .map(|i| {
-            let w = Worker { client: client.clone(), ledger: ledger.clone(), cfg: cfg.clone(), rng: rng.fork(i as u64), halt: halt.clone() };
+            let w = Worker {
+                client: client.clone(),
+                ledger: ledger.clone(),
+                cfg: cfg.clone(),
+                rng: rng.fork(i as u64),
+                halt: halt.clone(),
+            };
             tokio::spawn(w.run())
         })
         .collect();
@@ -155,7 +183,9 @@ impl Worker {
         let m = self.cfg.mix;
         let weights = [m.write, m.write_fua, m.flush, m.trim, m.zero, m.read];
         while !self.halt.is_cancelled() {
-            let Some(which) = self.rng.weighted(&weights) else { break };
+            let Some(which) = self.rng.weighted(&weights) else {
+                break;
+            };
             // No select on `halt` here: a dropped request may still be sent,
             // and the ledger must know whether it completed.
             match self.step(which, &mut report.counts).await {
@@ -210,12 +240,23 @@ impl Worker {
         for (i, (chunk, seq)) in buf.chunks_mut(BLOCK_SIZE).zip(&seqs).enumerate() {
             block::encode(chunk, start + i as u64, *seq, write_id);
         }
-        let r = self.client.write(start * BLOCK_SIZE as u64, buf.freeze(), fua).await;
-        self.finish(start, n, &seqs, fua, r.map_err(|e| e.to_string()), |c| {
-            c.writes += 1;
-            c.fua_writes += fua as u64;
-            c.blocks_written += n;
-        }, counts)
+        let r = self
+            .client
+            .write(start * BLOCK_SIZE as u64, buf.freeze(), fua)
+            .await;
+        self.finish(
+            start,
+            n,
+            &seqs,
+            fua,
+            r.map_err(|e| e.to_string()),
+            |c| {
+                c.writes += 1;
+                c.fua_writes += fua as u64;
+                c.blocks_written += n;
+            },
+            counts,
+        )
     }
 
     async fn zero(&mut self, trim: bool, counts: &mut WriterCounts) -> Step {
@@ -230,9 +271,27 @@ impl Worker {
             self.client.trim(off, len, fua).await
         } else {
             let may_trim = self.rng.chance(0.5);
-            self.client.write_zeroes(off, len, ZeroFlags { may_trim, fast: false, fua }).await
+            self.client
+                .write_zeroes(
+                    off,
+                    len,
+                    ZeroFlags {
+                        may_trim,
+                        fast: false,
+                        fua,
+                    },
+                )
+                .await
         };
-        self.finish(start, n, &seqs, fua, r.map_err(|e| e.to_string()), |c| if trim { c.trims += 1 } else { c.zeroes += 1 }, counts)
+        self.finish(
+            start,
+            n,
+            &seqs,
+            fua,
+            r.map_err(|e| e.to_string()),
+            |c| if trim { c.trims += 1 } else { c.zeroes += 1 },
+            counts,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -254,7 +313,7 @@ impl Worker {
                 Step::Done
             }
             Err(e) => {
-                l.fail(start, n, self.cfg.survive_failures);
+                l.fail(start, n, self.cfg.retire_on_failure);
                 Step::Failed(e)
             }
         }
@@ -290,7 +349,9 @@ impl Worker {
                     .enumerate()
                     .filter_map(|(i, b)| {
                         let idx = start + i as u64;
-                        l.check(idx, block::decode(b, idx), Floor::Completed).err().map(|p| *p)
+                        l.check(idx, block::decode(b, idx), Floor::Completed)
+                            .err()
+                            .map(|p| *p)
                     })
                     .collect();
                 if !problems.is_empty() {
@@ -307,7 +368,10 @@ impl Worker {
 /// Read `n` blocks from `start` as one contiguous buffer.
 pub async fn read_blocks(client: &NbdClient, start: u64, n: u64) -> Result<Bytes, String> {
     let len = (n as usize) * BLOCK_SIZE;
-    let segments = client.read(start * BLOCK_SIZE as u64, len as u32).await.map_err(|e| e.to_string())?;
+    let segments = client
+        .read(start * BLOCK_SIZE as u64, len as u32)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = BytesMut::with_capacity(len);
     for s in segments {
         match s {
@@ -316,7 +380,10 @@ pub async fn read_blocks(client: &NbdClient, start: u64, n: u64) -> Result<Bytes
         }
     }
     if out.len() != len {
-        return Err(format!("read of {len} bytes at block {start} returned {} bytes", out.len()));
+        return Err(format!(
+            "read of {len} bytes at block {start} returned {} bytes",
+            out.len()
+        ));
     }
     Ok(out.freeze())
 }

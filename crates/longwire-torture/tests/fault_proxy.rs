@@ -49,7 +49,14 @@ async fn forwards_every_byte_through_splits_and_delays() {
     let target = echo_server().await;
     let faults = Faults {
         mean_interval: Some(Duration::from_millis(5)),
-        weights: FaultWeights { stall: 1, delay: 3, split: 3, drop: 0, reset: 0, close: 0 },
+        weights: FaultWeights {
+            stall: 1,
+            delay: 3,
+            split: 3,
+            drop: 0,
+            reset: 0,
+            close: 0,
+        },
         stall: (Duration::from_millis(10), Duration::from_millis(50)),
         ..Faults::chaos(11, Duration::from_millis(5))
     };
@@ -57,11 +64,17 @@ async fn forwards_every_byte_through_splits_and_delays() {
     let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
     let data = pattern(1 << 20);
     for _ in 0..3 {
-        let back = timeout(Duration::from_secs(60), round_trip(&mut s, &data)).await.expect("echo through the proxy hung").unwrap();
+        let back = timeout(Duration::from_secs(60), round_trip(&mut s, &data))
+            .await
+            .expect("echo through the proxy hung")
+            .unwrap();
         assert!(back == data, "bytes were lost, duplicated or reordered");
     }
     let st = proxy.stats();
-    assert!(st.splits > 0 && st.delays > 0, "no faults were injected: {st:?}");
+    assert!(
+        st.splits > 0 && st.delays > 0,
+        "no faults were injected: {st:?}"
+    );
     // The counters move just after each write, so the echo may beat them.
     for _ in 0..100 {
         let st = proxy.stats();
@@ -82,8 +95,14 @@ async fn cut_all_resets_both_peers() {
     assert_eq!(proxy.stats().live, 1);
     proxy.cut_all();
     let mut buf = [0u8; 16];
-    let r = timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("a cut connection must end at once");
-    assert_eq!(r.map_err(|e| e.kind()).unwrap_err(), ErrorKind::ConnectionReset, "expected RST");
+    let r = timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("a cut connection must end at once");
+    assert_eq!(
+        r.map_err(|e| e.kind()).unwrap_err(),
+        ErrorKind::ConnectionReset,
+        "expected RST"
+    );
     let st = proxy.stats();
     assert_eq!(st.cut, 1);
     for _ in 0..100 {
@@ -104,9 +123,17 @@ async fn pause_holds_traffic_until_resumed() {
     proxy.set_paused(true);
     s.write_all(b"during").await.unwrap();
     let mut buf = [0u8; 6];
-    assert!(timeout(Duration::from_millis(500), s.read_exact(&mut buf)).await.is_err(), "data crossed a paused proxy");
+    assert!(
+        timeout(Duration::from_millis(500), s.read_exact(&mut buf))
+            .await
+            .is_err(),
+        "data crossed a paused proxy"
+    );
     proxy.set_paused(false);
-    timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await.expect("resumed proxy did not forward").unwrap();
+    timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("resumed proxy did not forward")
+        .unwrap();
     assert_eq!(&buf, b"during");
 }
 
@@ -119,9 +146,16 @@ async fn refusing_resets_new_connections_only() {
     proxy.set_refusing(true);
     let mut new = TcpStream::connect(proxy.addr()).await.unwrap();
     let mut buf = [0u8; 1];
-    let r = timeout(Duration::from_secs(5), new.read(&mut buf)).await.expect("refused connection hung");
-    assert!(matches!(r, Err(ref e) if e.kind() == ErrorKind::ConnectionReset), "expected RST, got {r:?}");
-    round_trip(&mut old, b"still up").await.expect("existing connection was disturbed");
+    let r = timeout(Duration::from_secs(5), new.read(&mut buf))
+        .await
+        .expect("refused connection hung");
+    assert!(
+        matches!(r, Err(ref e) if e.kind() == ErrorKind::ConnectionReset),
+        "expected RST, got {r:?}"
+    );
+    round_trip(&mut old, b"still up")
+        .await
+        .expect("existing connection was disturbed");
     assert_eq!(proxy.stats().refused, 1);
     proxy.set_refusing(false);
     let mut again = TcpStream::connect(proxy.addr()).await.unwrap();
@@ -132,7 +166,14 @@ async fn refusing_resets_new_connections_only() {
 async fn random_resets_and_closes_end_connections() {
     let target = echo_server().await;
     let faults = Faults {
-        weights: FaultWeights { stall: 0, delay: 0, split: 0, drop: 0, reset: 1, close: 1 },
+        weights: FaultWeights {
+            stall: 0,
+            delay: 0,
+            split: 0,
+            drop: 0,
+            reset: 1,
+            close: 1,
+        },
         ..Faults::chaos(5, Duration::from_millis(20))
     };
     let proxy = FaultProxy::start(target, faults).await.unwrap();

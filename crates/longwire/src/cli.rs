@@ -180,7 +180,7 @@ pub struct InfoArgs {
 A volume that holds data (any allocated bytes) is only deleted with --yes;
 an empty one (just created, or fully trimmed) is deleted without it.
 Deleting cannot be undone. Stop serving a volume before deleting it: a
-running server keeps its own view of the volume until it exits.
+server that still has it open keeps answering, but what it writes is lost.
 An SQLite database does not shrink when a volume is deleted: later writes
 reuse the space (run `sqlite3 PATH VACUUM` offline to give it back).
 Only image files are deleted, never directories or devices.

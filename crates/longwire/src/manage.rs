@@ -140,6 +140,20 @@ fn print_info(v: &VolumeInfo) {
     if v.block_device {
         rows.push(("device", "block device".into()));
     }
+    if let Some(m) = &v.lease_mode {
+        let why = match m.as_str() {
+            "best-effort" => {
+                " (the server ignores conditional writes: a later second writer is refused, \
+                 one started at the same moment may not be)"
+            }
+            "conditional" => " (the server honours conditional writes)",
+            _ => "",
+        };
+        rows.push(("lease mode", format!("{m}{why}")));
+    }
+    if let Some(l) = &v.lease {
+        rows.push(("lease", l.clone()));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, val) in rows {
         println!("{k:width$}  {val}");
@@ -208,6 +222,8 @@ struct Json<'a> {
     chunks: Option<u64>,
     created: Option<&'a str>,
     block_device: bool,
+    lease_mode: Option<&'a str>,
+    lease: Option<&'a str>,
 }
 
 impl<'a> From<&'a VolumeInfo> for Json<'a> {
@@ -225,6 +241,8 @@ impl<'a> From<&'a VolumeInfo> for Json<'a> {
             chunks: v.chunks,
             created: v.created.as_deref(),
             block_device: v.block_device,
+            lease_mode: v.lease_mode.as_deref(),
+            lease: v.lease.as_deref(),
         }
     }
 }
@@ -254,6 +272,8 @@ mod tests {
             chunks: None,
             created: None,
             block_device: false,
+            lease_mode: None,
+            lease: None,
         };
         let t = table(std::slice::from_ref(&file));
         assert_eq!(

@@ -2,7 +2,8 @@
 //! run until a signal, then shut down gracefully.
 //!
 //! Shutdown: stop accepting, let sessions finish in-flight requests (late
-//! requests get ESHUTDOWN), flush every volume, exit. Bounded in time so a
+//! requests get ESHUTDOWN), flush every volume, close it (an S3 volume
+//! gives its lease back), exit. Bounded in time so a
 //! stalled client cannot hold the process hostage.
 
 use std::collections::HashMap;
@@ -184,6 +185,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         warn!("some connections did not finish within {SHUTDOWN_DEADLINE:?}; closing them");
     }
     flush_all(&registry).await;
+    close_all(&registry).await;
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);
     }
@@ -420,6 +422,18 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => info!("received SIGTERM"),
             _ = self.int.recv() => info!("received SIGINT"),
+        }
+    }
+}
+
+/// Tell every volume it is no longer served (after the last request), so
+/// it can give back what another server may be waiting for.
+async fn close_all(registry: &ExportRegistry) {
+    for e in registry.iter() {
+        match tokio::time::timeout(Duration::from_secs(10), e.volume.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => error!(export = %e.name, "closing the volume failed: {err}"),
+            Err(_) => error!(export = %e.name, "closing the volume timed out"),
         }
     }
 }

@@ -291,6 +291,12 @@ fn volume_info(opts: &S3Options, i: &S3Info) -> VolumeInfo {
         chunks: Some(i.chunks),
         created: None,
         block_device: false,
+        lease_mode: Some(i.lease_mode.as_str().to_string()),
+        lease: Some(match &i.lease {
+            Some(l) if l.is_live() => l.describe(),
+            Some(l) => format!("free (expired or stale record of {})", l.describe()),
+            None => "free".into(),
+        }),
     }
 }
 
@@ -370,6 +376,8 @@ pub(crate) fn list_blocking(store_uri: &str, spec: &Spec) -> io::Result<Vec<Volu
                 chunks: None,
                 created: None,
                 block_device: false,
+                lease_mode: None,
+                lease: None,
             }
         })
         .collect())

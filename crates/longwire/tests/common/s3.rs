@@ -10,7 +10,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{command, require_tool, run_cmd};
@@ -128,28 +128,44 @@ pub struct GarageNode {
     child: Option<Child>,
 }
 
-/// Three Garage nodes on loopback with replication factor 3, a bucket
-/// and the test key.
+impl GarageNode {
+    /// What the node wrote to stderr (warnings and errors), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("garage.log")).unwrap_or_default()
+    }
+}
+
+/// Three Garage nodes on loopback with replication factor 3 (every object
+/// on every node; reads and writes need two of the three), one zone, the
+/// test bucket and the test key allowed on it.
 pub struct Garage {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<GarageNode>,
+    /// From the first process started to the bucket being usable.
+    pub startup: Duration,
 }
+
+/// Shared by the nodes of a cluster: 32 bytes as hex. Fixed, since the
+/// cluster is private to the test and listens on loopback only.
+const RPC_SECRET: &str = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6";
 
 impl Garage {
     pub fn start() -> Garage {
         require_tool("garage");
         set_credentials();
+        let began = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("garage-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap();
-        let secret = "4425f5c26c5e11581d3223904324dcb5b5d5dfb14e5e7f35e38c595424f5f1e6";
         let mut nodes = Vec::new();
         for i in 0..3 {
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
             let (rpc, s3, admin) = (free_port(), free_port(), free_port());
             let config = node_dir.join("garage.toml");
+            // sqlite: compiled into the default build (so is lmdb) and
+            // needs no memory map sizing.
             std::fs::write(
                 &config,
                 format!(
@@ -159,7 +175,7 @@ impl Garage {
                      replication_factor = 3\n\
                      rpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
                      rpc_public_addr = \"127.0.0.1:{rpc}\"\n\
-                     rpc_secret = \"{secret}\"\n\
+                     rpc_secret = \"{RPC_SECRET}\"\n\
                      [s3_api]\n\
                      s3_region = \"garage\"\n\
                      api_bind_addr = \"127.0.0.1:{s3}\"\n\
@@ -177,21 +193,27 @@ impl Garage {
                 child: None,
             });
         }
-        let mut g = Garage { dir, nodes };
+        let mut g = Garage {
+            dir,
+            nodes,
+            startup: Duration::ZERO,
+        };
         for i in 0..3 {
-            g.start_node(i);
+            g.spawn_node(i);
         }
-        // Connect the nodes, give each a role, apply the layout.
+        for i in 0..3 {
+            g.wait_node(i);
+        }
+        // `node id` prints `ID@ADDR` (the node key is made at first start).
         let ids: Vec<String> = (0..3)
             .map(|i| g.cli(i, &["node", "id", "-q"]).trim().to_string())
             .collect();
         for id in &ids[1..] {
             g.cli(0, &["node", "connect", id]);
         }
-        for id in &ids {
-            let short = &id[..16];
-            g.cli(0, &["layout", "assign", "-z", "dc1", "-c", "1G", short]);
-        }
+        let mut assign = vec!["layout", "assign", "-z", "dc1", "-c", "1G"];
+        assign.extend(ids.iter().map(|id| id.split('@').next().unwrap()));
+        g.cli(0, &assign);
         g.cli(0, &["layout", "apply", "--version", "1"]);
         g.cli(
             0,
@@ -212,47 +234,68 @@ impl Garage {
                 "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", ACCESS_KEY,
             ],
         );
+        g.startup = began.elapsed();
         g
     }
 
-    /// Run `garage -c nodeN.toml ARGS`, retrying while the cluster settles.
+    /// Run `garage -c nodeN.toml ARGS`, retrying for a while: right after
+    /// start or a layout change a node may not know its peers yet.
     pub fn cli(&self, node: usize, args: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let out = command("garage")
                 .arg("-c")
                 .arg(&self.nodes[node].config)
                 .args(args)
                 .output()
-                .unwrap();
+                .expect("running garage");
             if out.status.success() {
                 return String::from_utf8_lossy(&out.stdout).into_owned();
             }
             if Instant::now() > deadline {
                 panic!(
-                    "garage {args:?} failed: {}\n{}",
+                    "garage {args:?} failed: {}\n{}\nnode log:\n{}",
                     String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
+                    String::from_utf8_lossy(&out.stderr),
+                    self.nodes[node].log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    pub fn start_node(&mut self, i: usize) {
+    fn spawn_node(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        let log = std::fs::File::create(n.config.with_file_name("garage.log")).unwrap();
-        let mut child = Command::new(require_tool("garage"))
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.config.with_file_name("garage.log"))
+            .unwrap();
+        let child = command(require_tool("garage").to_str().unwrap())
             .arg("-c")
             .arg(&n.config)
             .arg("server")
             .env("RUST_LOG", "garage=warn")
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("starting garage");
-        wait_for_port(n.s3_port, &mut child, "garage");
         n.child = Some(child);
+    }
+
+    fn wait_node(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let port = n.s3_port;
+        let child = n.child.as_mut().expect("node started");
+        wait_for_port(port, child, &format!("garage node {i}"));
+    }
+
+    /// Start node `i` (again, after [`Garage::kill_node`]) with its data.
+    pub fn start_node(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "garage node {i} is running");
+        self.spawn_node(i);
+        self.wait_node(i);
     }
 
     /// SIGKILL node `i`.
@@ -261,6 +304,11 @@ impl Garage {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// `garage status` as node `i` sees the cluster.
+    pub fn status(&self, i: usize) -> String {
+        self.cli(i, &["status"])
     }
 
     pub fn endpoint(&self, node: usize) -> String {
