@@ -346,7 +346,9 @@ Volume URIs:
 Listeners:
   With no --listen, --unix or --iscsi (here or in the config file), NBD
   listens on 127.0.0.1:10809 and iSCSI on 127.0.0.1:3260. Once any listener
-  is given, only the listeners given are opened.
+  is given, only the listeners given are opened. The admin endpoint
+  (--admin: /metrics for Prometheus, /status for `longwire status`) follows
+  the same rule: 127.0.0.1:9810 with no listener options, else only if given.
 
 iSCSI:
   Every export is a target iqn.2026-11.dev.longwire:<export> with the volume

@@ -5,7 +5,9 @@
 //! the iSCSI targets, [`serve`] opens the stores, fills the export registry
 //! and runs the front-ends. [`attach`] (a remote export as a FUSE file)
 //! and [`copy`] (volume to volume) are the client-side commands;
-//! [`manage`] creates, lists, describes and deletes volumes.
+//! [`manage`] creates, lists, describes and deletes volumes; [`status`]
+//! prints a running server's exports and connections from its [`admin`]
+//! endpoint (which also serves Prometheus metrics).
 
 mod admin;
 mod attach;

@@ -67,12 +67,20 @@ fn qemu_io_ok(uri: &str, cmd: &str, server: &Server) {
     );
 }
 
-/// Wait for the clone's completion line; returns its `fetched=` value.
+/// Wait for the clone's completion line; returns its `fetched=` value
+/// (0 when hydration had already finished before the last restart).
 fn wait_complete(s: &Server, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(line) = s
-            .stderr_lines()
+        let lines = s.stderr_lines();
+        // Finished before a restart: the new process says so and fetches nothing.
+        if lines
+            .iter()
+            .any(|l| l.contains("is complete; the source is not contacted"))
+        {
+            return 0;
+        }
+        if let Some(line) = lines
             .iter()
             .find(|l| l.contains("clone hydration complete"))
         {

@@ -125,6 +125,8 @@ pub struct GarageNode {
     pub config: PathBuf,
     pub s3_port: u16,
     pub rpc_port: u16,
+    /// `ID@127.0.0.1:PORT`, known once the node has started.
+    pub id: String,
     child: Option<Child>,
 }
 
@@ -190,6 +192,7 @@ impl Garage {
                 config,
                 s3_port: s3,
                 rpc_port: rpc,
+                id: String::new(),
                 child: None,
             });
         }
@@ -205,12 +208,14 @@ impl Garage {
             g.wait_node(i);
         }
         // `node id` prints `ID@ADDR` (the node key is made at first start).
-        let ids: Vec<String> = (0..3)
-            .map(|i| g.cli(i, &["node", "id", "-q"]).trim().to_string())
-            .collect();
+        for i in 0..3 {
+            g.nodes[i].id = g.cli(i, &["node", "id", "-q"]).trim().to_string();
+        }
+        let ids: Vec<String> = g.nodes.iter().map(|n| n.id.clone()).collect();
         for id in &ids[1..] {
             g.cli(0, &["node", "connect", id]);
         }
+        g.wait_healthy();
         let mut assign = vec!["layout", "assign", "-z", "dc1", "-c", "1G"];
         assign.extend(ids.iter().map(|id| id.split('@').next().unwrap()));
         g.cli(0, &assign);
@@ -291,11 +296,50 @@ impl Garage {
         wait_for_port(port, child, &format!("garage node {i}"));
     }
 
-    /// Start node `i` (again, after [`Garage::kill_node`]) with its data.
+    /// Start node `i` again (after [`Garage::kill_node`]) with its data,
+    /// and wait until every running node sees every other. A restarted
+    /// node does not find its peers by itself (none are configured, and
+    /// the peer list it saves may be empty), so it is connected by hand.
     pub fn start_node(&mut self, i: usize) {
         assert!(self.nodes[i].child.is_none(), "garage node {i} is running");
         self.spawn_node(i);
         self.wait_node(i);
+        let peers: Vec<String> = (0..self.nodes.len())
+            .filter(|&j| j != i && self.nodes[j].child.is_some())
+            .map(|j| self.nodes[j].id.clone())
+            .collect();
+        for id in &peers {
+            self.cli(i, &["node", "connect", id]);
+        }
+        self.wait_healthy();
+    }
+
+    /// Wait until each running node lists every running node as healthy.
+    pub fn wait_healthy(&self) {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| self.nodes[j].child.is_some())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let all_seen = running.iter().all(|&j| {
+                let healthy = healthy_ids(&self.status(j));
+                running.iter().all(|&k| {
+                    healthy
+                        .iter()
+                        .any(|h| self.nodes[k].id.starts_with(h.as_str()))
+                })
+            });
+            if all_seen {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "garage nodes {running:?} do not all see each other after 30 s:\n{}",
+                    self.status(running[0])
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// SIGKILL node `i`.
@@ -321,6 +365,21 @@ impl Garage {
             self.endpoint(node)
         )
     }
+}
+
+/// The node ids (16-hex-digit prefixes) in the HEALTHY NODES table of
+/// `garage status`.
+fn healthy_ids(status: &str) -> Vec<String> {
+    status
+        .split("====")
+        .skip_while(|part| !part.contains("HEALTHY NODES"))
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.len() == 16 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .collect()
 }
 
 impl Drop for Garage {
