@@ -57,8 +57,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for e in registry.iter() {
         stats.export(&e.name);
     }
-    let mut server_cfg = ServerConfig::default();
-    server_cfg.stats = stats.clone();
+    let mut server_cfg = ServerConfig { stats: stats.clone(), ..ServerConfig::default() };
     if let Some(secs) = cfg.handshake_timeout {
         server_cfg.handshake_timeout = Duration::from_secs(secs);
     }
@@ -128,8 +127,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(accept_unix(listener, nbd.clone(), sessions.clone(), shutdown.clone()));
     }
     if !iscsi_addrs.is_empty() {
-        let mut iscsi_cfg = IscsiConfig::default();
-        iscsi_cfg.stats = stats.clone();
+        let mut iscsi_cfg = IscsiConfig { stats: stats.clone(), ..IscsiConfig::default() };
         if let Some(secs) = cfg.handshake_timeout {
             iscsi_cfg.login_timeout = Duration::from_secs(secs);
         }

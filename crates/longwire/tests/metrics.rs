@@ -338,6 +338,30 @@ fn iscsi_commands_are_counted() {
     let st = status_json(admin);
     let protos = st.get("exports").as_array()[0].get("protocols").as_array().to_vec();
     assert_eq!(protos, vec![Json::Str("nbd".into()), Json::Str("iscsi".into())]);
+
+    // A session kept open (qemu-io waiting on its stdin) is listed with its
+    // peer address, the export behind its target, and its state.
+    require_tool("qemu-io");
+    let mut open = command("qemu-io")
+        .args(["-f", "raw", &url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let listed = eventually(Duration::from_secs(10), || {
+        status_json(admin).get("connections").as_array().iter().any(|c| {
+            c.get("protocol").as_str() == "iscsi"
+                && c.get("export").as_str() == DISK
+                && c.get("state").as_str() == "transmission"
+                && c.get("peer").as_str().starts_with("127.0.0.1:")
+        })
+    });
+    let table = longwire_status(&["--admin", &admin.to_string()]).1;
+    drop(open.stdin.take()); // qemu-io quits at end of input
+    let _ = open.wait();
+    assert!(listed, "no iSCSI session listed: {:?}", status_json(admin).get("connections"));
+    assert!(table.lines().any(|l| l.contains(" iscsi ") && l.contains("127.0.0.1:") && l.contains("transmission")), "{table}");
     // Sessions over: no iSCSI connection stays listed.
     let gone = eventually(Duration::from_secs(5), || Metrics::scrape(admin).value("longwire_connections", &[("protocol", "iscsi")]) == 0.0);
     assert!(gone, "iSCSI connections still listed: {:?}", status_json(admin).get("connections"));
@@ -405,3 +429,24 @@ fn admin_address_from_the_config_file() {
     let st = status_json(admin);
     assert_eq!(st.get("exports").as_array()[0].get("size").as_u64(), 1 << 20);
 }
+
+#[test]
+fn layer_states_and_gauges_are_exported() {
+    // A clone export reports its hydration through Volume::status().
+    let src = Server::start(&["--export", "disk=memory:?size=4M", "--listen", "127.0.0.1:0"]);
+    src.qemu_io(&src.qemu_uri(DISK), &["write -P 0x11 0 1M"]);
+    let export = format!("disk=file:{{dir}}/clone.img?clone-from={}", src.uri(DISK));
+    let s = Server::start(&["--export", &export, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let admin = admin_addr(&s);
+    let m = Metrics::scrape(admin);
+    assert_eq!(m.value("longwire_clone_total_bytes", &[("export", DISK)]), 4.0 * MIB, "{:?}", m.0);
+    assert!(m.has("longwire_layer_state", &[("export", DISK), ("layer", "clone")]));
+    let st = status_json(admin);
+    let layers = st.get("exports").as_array()[0].get("layers").as_array().to_vec();
+    assert_eq!(layers[0].get("layer").as_str(), "clone");
+    let (ok, out, err) = longwire_status(&["--admin", &admin.to_string()]);
+    assert!(ok, "{err}");
+    let row = out.lines().find(|l| l.starts_with("disk ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("clone:"), "the state column names the layer: {out}");
+}
+

@@ -192,7 +192,9 @@ fn render_layers(out: &mut String, layers: &[(&str, Vec<LayerStatus>)]) {
             f.sample("longwire_layer_state", &[("export", export), ("layer", l.layer), ("state", &l.state)], 1.0);
         }
     }
-    let mut gauges: BTreeMap<String, (&str, Vec<(&str, f64)>)> = BTreeMap::new();
+    // Family name → (help, samples by export).
+    type Families<'a> = BTreeMap<String, (&'a str, Vec<(&'a str, f64)>)>;
+    let mut gauges: Families = BTreeMap::new();
     for (export, statuses) in layers {
         for l in statuses {
             for g in &l.gauges {
