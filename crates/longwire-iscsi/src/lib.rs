@@ -16,6 +16,8 @@
 //!   - [`dataout`]: write data collection (immediate data, unsolicited
 //!     Data-Out, R2Ts, DataSN/BufferOffset checks);
 //!   - [`session`]: the connection driver that runs a session over a socket;
+//!   - `outbound`: what a session may queue for an initiator that does not
+//!     read (the read-data budget, the backlog of other PDUs);
 //!   - [`target`]: iSCSI targets (name, LUNs, access rules) and the
 //!     [`ScsiBackend`] seam; [`backend`] plugs [`scsi::Target`] into it;
 //!   - [`server`]: the listener side: login, session registry, TSIH,
@@ -32,6 +34,7 @@ pub mod initiator;
 pub mod keys;
 pub mod login;
 pub mod metrics;
+mod outbound;
 pub mod pdu;
 pub mod scsi;
 pub mod server;

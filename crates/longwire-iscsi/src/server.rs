@@ -36,6 +36,10 @@ pub struct IscsiConfig {
     pub queue_depth: u32,
     /// Immediate (I bit) commands one session may have in flight.
     pub max_immediate: usize,
+    /// READ data (bytes) one session may hold between the volume and the
+    /// socket; further READs wait for the initiator to take what is
+    /// queued. A READ larger than this runs on its own.
+    pub read_budget: u32,
     /// What we negotiate.
     pub policy: Policy,
     /// Idle time before the target pings with a NOP-In.
@@ -58,6 +62,9 @@ pub struct IscsiConfig {
 
 /// Default of [`IscsiConfig::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of [`IscsiConfig::read_budget`]: 64 MiB, the bound the NBD
+/// front-end puts on one connection's in-flight data.
+pub const DEFAULT_READ_BUDGET: u32 = 64 << 20;
 
 impl Default for IscsiConfig {
     fn default() -> Self {
@@ -65,6 +72,7 @@ impl Default for IscsiConfig {
             login_timeout: Duration::from_secs(15),
             queue_depth: 64,
             max_immediate: 16,
+            read_budget: DEFAULT_READ_BUDGET,
             policy: Policy::default(),
             nop_interval: Duration::from_secs(30),
             nop_timeout: Duration::from_secs(30),

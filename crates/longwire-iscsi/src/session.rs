@@ -10,7 +10,10 @@
 //!   Response PDUs; a writer task sends PDUs in queue order, stamping
 //!   StatSN, ExpCmdSN and MaxCmdSN as they leave, and batches flushes.
 //! - In flight is bounded by the CmdSN window (queue depth), a cap on
-//!   immediate commands and a cap on buffered write data.
+//!   immediate commands and a cap on buffered write data. What waits for
+//!   an initiator that does not read is bounded too (see `outbound`): READ
+//!   data by a per-session budget reserved before the volume is read,
+//!   other PDUs by a backlog limit past which this task stops reading.
 //! - Errors the RFC leaves no recovery for at ErrorRecoveryLevel 0 (bad
 //!   header digest, DataSN/offset errors) end the connection, and so the
 //!   session; the initiator recovers by logging in again.
@@ -34,6 +37,7 @@ use crate::digest::{self, Digests};
 use crate::keys::{self, SessionParams, SessionType, TextAssembler};
 use crate::login::{LoginResult, TPGT};
 use crate::metrics;
+use crate::outbound::{Backlog, BacklogCharge, ReadBudget, ReadPermit};
 use longwire_core::stats::{ConnState, ConnStats, ExportStats};
 use crate::pdu::{self, op, reject, tmf, Bhs, Layout, Pdu, RawPdu, RESERVED_TAG};
 use crate::scsi::{status, CommandResult, DataDirection, Nexus};
@@ -63,8 +67,12 @@ pub enum StatRule {
     Reserved,
 }
 
-enum Out {
-    Pdus(Vec<(Pdu, StatRule)>),
+/// One message for the writer: PDUs sent back to back, and what they
+/// hold of the session's bounds until they are on the socket.
+struct Out {
+    pdus: Vec<(Pdu, StatRule)>,
+    _read: ReadPermit,
+    _backlog: BacklogCharge,
 }
 
 /// Handle on a running session for the server: kill it, abort its tasks.
@@ -124,6 +132,10 @@ struct Task {
     /// Answer TASK SET FULL instead of executing.
     busy: bool,
     buffered: u64,
+    /// Data-In the CDB allows: what the SCSI layer may produce.
+    data_in_len: u32,
+    /// Stops a command still waiting for read budget (abort, session end).
+    cancel: CancellationToken,
     done: watch::Sender<bool>,
 }
 
@@ -182,17 +194,35 @@ pub(crate) struct Shared {
     /// The initiator's MaxRecvDataSegmentLength (may change by Text).
     initiator_mrdsl: AtomicU32,
     max_burst: u32,
+    read_budget: ReadBudget,
+    backlog: Arc<Backlog>,
 }
 
 impl Shared {
     fn send(&self, pdu: Pdu, rule: StatRule) {
-        let _ = self.tx.send(Out::Pdus(vec![(pdu, rule)]));
+        self.queue(vec![(pdu, rule)], ReadPermit::default());
     }
 
     fn send_all(&self, pdus: Vec<(Pdu, StatRule)>) {
         if !pdus.is_empty() {
-            let _ = self.tx.send(Out::Pdus(pdus));
+            self.queue(pdus, ReadPermit::default());
         }
+    }
+
+    /// Queue PDUs for the writer. Data-In data is covered by `read`; the
+    /// rest counts in the backlog.
+    fn queue(&self, pdus: Vec<(Pdu, StatRule)>, read: ReadPermit) {
+        let bytes = pdus
+            .iter()
+            .map(|(p, _)| {
+                pdu::BHS_LEN
+                    + match p {
+                        Pdu::DataIn(_) => 0,
+                        other => other.to_raw().data.len(),
+                    }
+            })
+            .sum();
+        let _ = self.tx.send(Out { pdus, _read: read, _backlog: self.backlog.charge(bytes) });
     }
 
     /// Abort matching tasks: ones still collecting data are dropped at
@@ -214,6 +244,7 @@ impl Shared {
                 }
             } else if let Some(t) = st.tasks.get_mut(i) {
                 t.aborted = true;
+                t.cancel.cancel();
                 waits.push(t.done.subscribe());
             }
         }
@@ -221,7 +252,8 @@ impl Shared {
     }
 
     /// A command finished: send its Data-In and status unless aborted.
-    fn finish(&self, itt: u32, result: CommandResult) {
+    /// `read` is the read budget its data holds, freed once it is sent.
+    fn finish(&self, itt: u32, result: CommandResult, read: ReadPermit) {
         let task = {
             let mut st = self.state.lock().unwrap();
             let Some(task) = st.tasks.remove(&itt) else { return };
@@ -235,7 +267,9 @@ impl Shared {
                 self.initiator_mrdsl.load(Ordering::Relaxed),
                 self.max_burst,
             );
-            self.send_all(pdus);
+            if !pdus.is_empty() {
+                self.queue(pdus, read);
+            }
         }
         let _ = task.done.send(true);
     }
@@ -409,9 +443,11 @@ where
         nexus: nexus.clone(),
         initiator_mrdsl: AtomicU32::new(params.initiator_mrdsl),
         max_burst: params.max_burst_length,
+        read_budget: ReadBudget::new(server.config().read_budget),
+        backlog: Arc::new(Backlog::default()),
     });
     *control.shared.lock().unwrap() = Some(shared.clone());
-    let writer = tokio::spawn(write_pdus(wr, rx, shared.clone(), login.next_stat_sn, digests));
+    let mut writer = tokio::spawn(write_pdus(wr, rx, shared.clone(), login.next_stat_sn, digests));
 
     let mut conn = Conn {
         server: server.clone(),
@@ -453,7 +489,19 @@ where
     *control.shared.lock().unwrap() = None;
     drop(conn);
     drop(shared);
-    let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+    // What is still queued goes out if the initiator takes it in time; an
+    // initiator that stopped reading gets no more than a ping would.
+    let drain = server.config().nop_timeout;
+    let written = match tokio::time::timeout(drain, &mut writer).await {
+        Ok(r) => r.unwrap_or_else(|e| Err(io::Error::other(e))),
+        Err(_) => {
+            writer.abort();
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("initiator read nothing for {drain:?} after the session ended; dropped the PDUs still queued"),
+            ))
+        }
+    };
     if let Some(t) = &target {
         t.backend.nexus_lost(&nexus);
     }
@@ -462,7 +510,9 @@ where
 
 impl Shared {
     /// At session end: drop collecting tasks; running ones finish
-    /// normally. Returns receivers for the running ones.
+    /// normally, except that ones still waiting for read budget give up
+    /// (TASK ABORTED) rather than wait for a socket nobody reads. Returns
+    /// receivers for the running ones.
     fn abort_running_or_collecting(&self) -> Vec<watch::Receiver<bool>> {
         let mut st = self.state.lock().unwrap();
         let itts: Vec<u32> = st.tasks.keys().copied().collect();
@@ -474,6 +524,7 @@ impl Shared {
                     let _ = t.done.send(true);
                 }
             } else if let Some(t) = st.tasks.get(&itt) {
+                t.cancel.cancel();
                 waits.push(t.done.subscribe());
             }
         }
@@ -527,6 +578,9 @@ impl Conn {
                 Some(sent) => sent + cfg.nop_timeout,
                 None => last_rx + cfg.nop_interval,
             };
+            // An initiator that sends but does not read: stop reading its
+            // requests (and so their answers) until it takes ours.
+            let backlogged = self.shared.backlog.is_full();
             tokio::select! {
                 biased;
                 _ = kill.cancelled() => {
@@ -571,7 +625,8 @@ impl Conn {
                     last_work = Instant::now();
                     continue;
                 }
-                r = rd.fill_buf() => {
+                _ = self.shared.backlog.drained(), if backlogged => continue,
+                r = rd.fill_buf(), if !backlogged => {
                     if r?.is_empty() {
                         return Ok(());
                     }
@@ -734,9 +789,10 @@ impl Conn {
         }
         let lun = target::decode_lun(c.lun);
         let dir = target.backend.data_direction(lun, &c.cdb);
-        let out_len = match dir {
-            DataDirection::Out { len } => len,
-            _ => 0,
+        let (out_len, data_in_len) = match dir {
+            DataDirection::Out { len } => (len, 0),
+            DataDirection::In { len } => (0, len),
+            DataDirection::None => (0, 0),
         };
         let read_len = match (c.read, c.write) {
             (true, true) => c.bidi_read_len.unwrap_or(0),
@@ -760,6 +816,8 @@ impl Conn {
             aborted: false,
             busy: false,
             buffered: 0,
+            data_in_len,
+            cancel: CancellationToken::new(),
             done: done_tx,
         };
         let mut r2ts = Vec::new();
@@ -852,11 +910,11 @@ impl Conn {
 
     /// Start a command whose data is complete.
     fn execute(&self, itt: u32, data: Bytes) {
-        let (lun, cdb, busy, read_len) = {
+        let (lun, cdb, busy, read_len, data_in_len, cancel) = {
             let mut st = self.shared.state.lock().unwrap();
             let Some(t) = st.tasks.get_mut(&itt) else { return };
             t.phase = Phase::Executing;
-            (t.lun, t.cdb.clone(), t.busy, t.read_len)
+            (t.lun, t.cdb.clone(), t.busy, t.read_len, t.data_in_len, t.cancel.clone())
         };
         // Counted once its data is in: commands dropped while collecting
         // data never ran.
@@ -870,6 +928,20 @@ impl Conn {
         let backend = self.target.as_ref().expect("commands only run in normal sessions").backend.clone();
         tokio::spawn(async move {
             let request = conn.begin(kind, export.as_deref());
+            // Reserve room for the data before the volume is read, so an
+            // initiator that does not read cannot make us hold more.
+            let mut read = ReadPermit::default();
+            if !busy && data_in_len > 0 {
+                tokio::select! {
+                    p = shared.read_budget.reserve(data_in_len) => read = p,
+                    _ = cancel.cancelled() => {
+                        let result = CommandResult::status(status::TASK_ABORTED);
+                        request.finish(0, false);
+                        shared.finish(itt, result, read);
+                        return;
+                    }
+                }
+            }
             let result = if busy {
                 CommandResult { status: status::TASK_SET_FULL, sense: None, data_in: Bytes::new() }
             } else {
@@ -890,7 +962,8 @@ impl Conn {
                 }
             };
             request.finish(metrics::moved_bytes(kind, &result, read_len, written), result.status == status::GOOD);
-            shared.finish(itt, result);
+            read.shrink_to(result.data_in.len());
+            shared.finish(itt, result, read);
         });
     }
 
@@ -1269,7 +1342,9 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, n: u64) -> io::Result<()> {
 }
 
 /// Send PDUs in queue order, stamping StatSN/ExpCmdSN/MaxCmdSN, batching
-/// whatever is ready into one flush.
+/// whatever is ready into one flush. Each message's hold on the session's
+/// bounds is released once its bytes are written (copied into the
+/// buffer or the socket), not at the flush.
 async fn write_pdus<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
@@ -1282,8 +1357,7 @@ async fn write_pdus<W: AsyncWrite + Unpin>(
     let weak = Arc::downgrade(&shared);
     drop(shared);
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
-    let mut write_one = |out: Out, buf: &mut Vec<Bytes>| {
-        let Out::Pdus(pdus) = out;
+    let mut encode = |pdus: &[(Pdu, StatRule)], buf: &mut Vec<Bytes>| {
         let (exp, max) = match weak.upgrade() {
             Some(s) => {
                 let st = s.state.lock().unwrap();
@@ -1308,13 +1382,17 @@ async fn write_pdus<W: AsyncWrite + Unpin>(
         }
     };
     let mut pieces = Vec::new();
-    while let Some(out) = rx.recv().await {
-        write_one(out, &mut pieces);
-        while let Ok(out) = rx.try_recv() {
-            write_one(out, &mut pieces);
-        }
-        for p in pieces.drain(..) {
-            w.write_all(&p).await?;
+    while let Some(mut out) = rx.recv().await {
+        loop {
+            encode(&out.pdus, &mut pieces);
+            for p in pieces.drain(..) {
+                w.write_all(&p).await?;
+            }
+            drop(out);
+            match rx.try_recv() {
+                Ok(next) => out = next,
+                Err(_) => break,
+            }
         }
         w.flush().await?;
     }

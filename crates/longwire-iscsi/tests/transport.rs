@@ -1,8 +1,11 @@
 //! The iSCSI transport end to end over TCP, with a test double standing in
 //! for the SCSI layer (vendor-specific opcodes only, so nothing here
 //! pretends to be SBC): login, discovery, the data phases, digests, the
-//! CmdSN window, task management, pings, logout, reinstatement, shutdown.
+//! CmdSN window, task management, pings, logout, reinstatement, shutdown,
+//! and what a session holds for an initiator that stops reading.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +35,60 @@ struct Double {
     lun_resets: Mutex<Vec<u64>>,
     target_resets: Mutex<Vec<bool>>,
     lost: Mutex<Vec<Nexus>>,
+    held: Arc<HeldReads>,
+}
+
+/// READ data the double handed out that is still alive somewhere in the
+/// target (queued, being sent), per initiator port: the honest measure of
+/// what a session holds, since every byte of it is freed only when the
+/// last reference goes.
+#[derive(Default)]
+struct HeldReads(Mutex<HashMap<String, HeldCount>>);
+
+#[derive(Default, Clone, Copy, Debug)]
+struct HeldCount {
+    now: usize,
+    peak: usize,
+    reads: usize,
+}
+
+impl HeldReads {
+    fn hold(self: &Arc<Self>, port: &str, data: Vec<u8>) -> Bytes {
+        {
+            let mut m = self.0.lock().unwrap();
+            let c = m.entry(port.to_string()).or_default();
+            c.now += data.len();
+            c.peak = c.peak.max(c.now);
+            c.reads += 1;
+        }
+        Bytes::from_owner(Held { data, port: port.to_string(), reads: self.clone() })
+    }
+
+    /// The counts of `initiator`'s session with `isid`.
+    fn of(&self, isid: u64) -> HeldCount {
+        let port = longwire_iscsi::target::initiator_port(INITIATOR, isid);
+        self.0.lock().unwrap().get(&port).copied().unwrap_or_default()
+    }
+}
+
+struct Held {
+    data: Vec<u8>,
+    port: String,
+    reads: Arc<HeldReads>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(c) = self.reads.0.lock().unwrap().get_mut(&self.port) {
+            c.now -= self.data.len();
+        }
+    }
 }
 
 fn len_of(cdb: &[u8]) -> u32 {
@@ -48,7 +105,7 @@ impl ScsiBackend for Double {
         }
     }
 
-    async fn execute(&self, _nexus: &Nexus, _lun: u64, cdb: &[u8], data_out: Bytes) -> CommandResult {
+    async fn execute(&self, nexus: &Nexus, _lun: u64, cdb: &[u8], data_out: Bytes) -> CommandResult {
         self.executed.fetch_add(1, Ordering::SeqCst);
         let ok = |data_in: Bytes| CommandResult { status: status::GOOD, sense: None, data_in };
         match cdb[0] {
@@ -63,7 +120,7 @@ impl ScsiBackend for Double {
             READ_BUF => {
                 let b = self.buf.lock().unwrap();
                 let n = (len_of(cdb) as usize).min(b.len());
-                ok(Bytes::copy_from_slice(&b[..n]))
+                ok(self.held.hold(&nexus.initiator_port, b[..n].to_vec()))
             }
             SLEEP => {
                 tokio::time::sleep(Duration::from_millis(cdb[2] as u64 * 100)).await;
@@ -749,4 +806,229 @@ fn shutdown_asks_for_logout_then_closes() {
     }
     assert!(i.closed_within(Duration::from_secs(5)));
     drop(h.rt);
+}
+
+// ---------------------------------------------------------------------------
+// An initiator that stops reading its socket
+// ---------------------------------------------------------------------------
+
+/// Send a READ_BUF of `len` bytes without waiting for it; returns its ITT.
+fn send_read(i: &mut Initiator, len: u32) -> u32 {
+    let itt = i.next_itt();
+    let cmd_sn = i.next_cmd_sn();
+    i.send(&Pdu::ScsiCommand(pdu::ScsiCommand {
+        final_: true,
+        read: true,
+        itt,
+        expected_len: len,
+        cmd_sn,
+        exp_stat_sn: i.exp_stat_sn,
+        cdb: Bytes::from(cdb(READ_BUF, len)),
+        ..Default::default()
+    }))
+    .unwrap();
+    itt
+}
+
+/// What an initiator received once it started reading again.
+#[derive(Default)]
+struct Received {
+    /// ITT → status and data of each command answered.
+    reads: HashMap<u32, (u8, Vec<u8>)>,
+    tmf: Vec<pdu::TaskMgmtResponse>,
+}
+
+/// Read PDUs until `done` says so, or nothing comes for 2 s.
+fn receive(i: &mut Initiator, done: impl Fn(&Received) -> bool) -> Received {
+    let mut got = Received::default();
+    let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
+    while !done(&got) {
+        match i.recv_timeout(Duration::from_secs(2)).unwrap() {
+            None => break,
+            Some(Pdu::DataIn(d)) => {
+                let buf = data.entry(d.itt).or_default();
+                let off = d.buffer_offset as usize;
+                assert_eq!(off, buf.len(), "Data-In in order");
+                buf.extend_from_slice(&d.data);
+                if d.has_status {
+                    got.reads.insert(d.itt, (d.status, data.remove(&d.itt).unwrap()));
+                }
+            }
+            Some(Pdu::ScsiResponse(r)) => {
+                got.reads.insert(r.itt, (r.status, data.remove(&r.itt).unwrap_or_default()));
+            }
+            Some(Pdu::TaskMgmtResponse(r)) => got.tmf.push(r),
+            Some(Pdu::NopIn(n)) if n.itt == RESERVED_TAG => i.answer_ping(&n).unwrap(),
+            Some(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    got
+}
+
+fn login_isid(h: &Harness, isid: u64) -> Initiator {
+    h.login_with(LoginOptions { isid, ..LoginOptions::normal(INITIATOR, TARGET) })
+}
+
+#[test]
+fn reads_for_an_initiator_that_does_not_read_stay_within_the_budget() {
+    const BUDGET: usize = 4 << 20;
+    const LEN: usize = 1 << 20;
+    // 60 MiB asked for: more than the budget plus what loopback socket
+    // buffers absorb, within the CmdSN window of 64.
+    const READS: usize = 60;
+    let cfg = IscsiConfig { read_budget: BUDGET as u32, ..Default::default() };
+    let h = Harness::with(cfg, Access::default(), 1);
+    let (stalled_isid, other_isid) = (0x8000_0000_0011, 0x8000_0000_0022);
+    let mut other = login_isid(&h, other_isid);
+    let data = pattern(LEN);
+    assert_eq!(other.command(0, &cdb(WRITE_BUF, LEN as u32), 0, &data).unwrap().status, 0);
+
+    let mut stalled = login_isid(&h, stalled_isid);
+    let itts: Vec<u32> = (0..READS).map(|_| send_read(&mut stalled, LEN as u32)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let held = h.backend.held.of(stalled_isid);
+    eprintln!("stalled session after 1 s: {held:?}");
+    assert!(held.peak <= BUDGET, "read data held for the stalled initiator exceeds the budget: {held:?}");
+    assert!(held.reads < READS, "further reads wait instead of being fetched: {held:?}");
+
+    // Meanwhile another session is served as usual.
+    let started = std::time::Instant::now();
+    for _ in 0..4 {
+        let r = other.command(0, &cdb(READ_BUF, LEN as u32), LEN as u32, &[]).unwrap();
+        assert_eq!(r.status, 0);
+        assert!(r.data == data);
+    }
+    assert_eq!(other.ping(b"still served").unwrap().data, Bytes::from_static(b"still served"));
+    assert!(started.elapsed() < Duration::from_secs(5), "the other session waited {:?}", started.elapsed());
+    assert!(h.backend.held.of(stalled_isid).peak <= BUDGET);
+
+    // The stalled initiator reads again: every read arrives, intact.
+    let got = receive(&mut stalled, |r| r.reads.len() == READS);
+    assert_eq!(got.reads.len(), READS);
+    for itt in &itts {
+        let (status, d) = &got.reads[itt];
+        assert_eq!(*status, 0, "ITT {itt:#x}");
+        assert!(*d == data, "ITT {itt:#x}: wrong data");
+    }
+    let held = h.backend.held.of(stalled_isid);
+    eprintln!("stalled session at the end: {held:?}");
+    assert_eq!(held.reads, READS);
+    assert!(held.peak <= BUDGET, "{held:?}");
+    h.wait_until("the sent data to be freed", || h.backend.held.of(stalled_isid).now == 0);
+    assert_eq!(stalled.command(0, &cdb(0, 0), 0, &[]).unwrap().status, 0, "window open again");
+}
+
+#[test]
+fn reads_larger_than_the_budget_still_complete() {
+    let cfg = IscsiConfig { read_budget: 256 << 10, ..Default::default() };
+    let h = Harness::with(cfg, Access::default(), 1);
+    let mut i = h.login();
+    let n = 3 << 20;
+    write_then_read(&mut i, &h, n);
+    // Several at once take turns with the whole budget.
+    let itts: Vec<u32> = (0..4).map(|_| send_read(&mut i, n as u32)).collect();
+    let got = receive(&mut i, |r| r.reads.len() == itts.len());
+    let data = pattern(n);
+    for itt in &itts {
+        assert!(got.reads[itt].0 == 0 && got.reads[itt].1 == data, "ITT {itt:#x}");
+    }
+}
+
+#[test]
+fn aborted_reads_waiting_for_budget_never_run() {
+    const LEN: usize = 1 << 20;
+    const READS: usize = 40;
+    let cfg = IscsiConfig { read_budget: LEN as u32, ..Default::default() };
+    let h = Harness::with(cfg, Access::default(), 1);
+    let isid = 0x8000_0000_0033;
+    let mut i = login_isid(&h, isid);
+    let data = pattern(LEN);
+    assert_eq!(i.command(0, &cdb(WRITE_BUF, LEN as u32), 0, &data).unwrap().status, 0);
+    for _ in 0..READS {
+        send_read(&mut i, LEN as u32);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(h.backend.held.of(isid).reads < READS, "some reads must be waiting");
+    let tm_itt = i.next_itt();
+    i.send(&Pdu::TaskMgmtRequest(pdu::TaskMgmtRequest {
+        immediate: true,
+        function: tmf::ABORT_TASK_SET,
+        itt: tm_itt,
+        ref_task_tag: RESERVED_TAG,
+        cmd_sn: i.cmd_sn,
+        ..Default::default()
+    }))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let got = receive(&mut i, |_| false);
+    assert_eq!(got.tmf.len(), 1);
+    assert_eq!((got.tmf[0].itt, got.tmf[0].response), (tm_itt, tmf::FUNCTION_COMPLETE));
+    let ran = h.backend.held.of(isid).reads;
+    eprintln!("{ran} of {READS} reads ran before the abort");
+    assert!(ran < READS);
+    assert_eq!(got.reads.len(), ran, "every read that ran was answered, no other");
+    assert!(got.reads.values().all(|(s, d)| *s == 0 && *d == data));
+    assert_eq!(i.command(0, &cdb(0, 0), 0, &[]).unwrap().status, 0);
+}
+
+#[test]
+fn a_sender_that_does_not_read_is_pushed_back() {
+    let h = Harness::start();
+    let mut i = h.login();
+    // NOP-Outs each echoed with a full data segment, sent without reading
+    // the echoes: far more than socket buffers hold.
+    const PINGS: u32 = 600;
+    let seg = i.target_mrdsl.min(i.mrdsl) as usize;
+    let payload = move |k: u32| {
+        let mut d = pattern(seg);
+        d[..4].copy_from_slice(&k.to_be_bytes());
+        Bytes::from(d)
+    };
+    let mut stream = i.stream().try_clone().unwrap();
+    let (digests, cmd_sn, exp_stat_sn) = (i.digests, i.cmd_sn, i.exp_stat_sn);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = std::thread::spawn({
+        let sent = sent.clone();
+        move || {
+            for k in 0..PINGS {
+                let ping = Pdu::NopOut(pdu::NopOut {
+                    immediate: true,
+                    itt: 0x10_0000 + k,
+                    ttt: RESERVED_TAG,
+                    cmd_sn,
+                    exp_stat_sn,
+                    data: payload(k),
+                    ..Default::default()
+                });
+                stream.write_all(&longwire_iscsi::initiator::encode(&ping, digests)).unwrap();
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    // Wait until the sender is stuck (no progress for a second).
+    let mut n = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = sent.load(Ordering::SeqCst);
+        if now == n {
+            break;
+        }
+        n = now;
+    }
+    eprintln!("{n} of {PINGS} pings of {seg} bytes sent before the target pushed back");
+    assert!((n as u32) < PINGS, "the target kept reading requests whose answers it could not send");
+    // What the sender got rid of sits in socket buffers and the target's
+    // backlog (1 MiB), not in an ever-growing queue.
+    assert!(n * seg < 64 << 20, "{n} pings of {seg} bytes taken in");
+    for k in 0..PINGS {
+        match i.recv().unwrap() {
+            Pdu::NopIn(n) => {
+                assert_eq!(n.itt, 0x10_0000 + k);
+                assert!(n.data == payload(k), "echo {k}");
+            }
+            other => panic!("expected the echo of ping {k}, got {other:?}"),
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(i.ping(b"after").unwrap().data, Bytes::from_static(b"after"));
 }

@@ -172,6 +172,9 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
         return Err(e.context(format!("copying {} to {}", args.src, args.dst)));
     }
     dst.flush().await.with_context(|| format!("flushing {}", args.dst))?;
+    // Give back what the volumes hold, such as an S3 volume's lease.
+    dst.close().await.with_context(|| format!("closing {}", args.dst))?;
+    src.close().await.with_context(|| format!("closing {}", args.src))?;
 
     let secs = started.elapsed().as_secs_f64();
     let read = counters.read.load(Ordering::Relaxed);

@@ -393,11 +393,7 @@ fn copy_into_a_created_sqlite_volume_and_back_keeps_holes() {
         src.to_str().unwrap(),
         out.to_str().unwrap(),
     ]);
-    assert_eq!(
-        data_runs(&s, &src),
-        DATA,
-        "qemu-img map of the source"
-    );
+    assert_eq!(data_runs(&s, &src), DATA, "qemu-img map of the source");
     assert_eq!(
         data_runs(&s, &out),
         DATA,

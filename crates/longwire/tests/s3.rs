@@ -3,7 +3,8 @@
 //! and damage them): writes and reads with libnbd and qemu, holes in
 //! BLOCK_STATUS, qemu-img convert both ways, restarts, data acknowledged
 //! after FLUSH surviving SIGKILL (and unflushed cache uploaded on restart),
-//! the single-writer lease, and corrupt objects.
+//! the single-writer lease (and its release on a clean stop), and corrupt
+//! objects.
 
 mod common;
 
@@ -210,6 +211,40 @@ fn one_writer_at_a_time() {
     std::thread::sleep(Duration::from_secs(4));
     let c = Server::start(&["--export", &exp, "--listen", "127.0.0.1:0"]);
     assert!(c.logs().contains("lease taken"), "{}", c.logs());
+}
+
+/// A clean stop (SIGTERM) uploads what is left and deletes the lease, so
+/// another server takes the volume at once instead of after the TTL.
+#[test]
+fn clean_stop_gives_the_lease_back() {
+    let s3 = S3sFs::start();
+    let mut a = serve(&s3, "handover");
+    a.python(
+        r#"
+h = connect("v")
+h.pwrite(pat(5, 300 * KiB), 5 * MiB)     # acknowledged, never flushed
+print("__longwire_script_completed__")
+"#,
+    );
+    let lease = s3.object_path("handover/lease.json");
+    assert!(lease.is_file(), "the running server holds the lease");
+    a.terminate();
+    assert!(a.logs().contains("lease released"), "{}", a.logs());
+    assert!(!lease.exists(), "the lease outlived a clean stop");
+
+    // Another server, with its own (empty) cache: it starts without
+    // waiting and reads the data from the bucket.
+    let other = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let exp = export(&s3, "handover", "").replace("{dir}", other.path().to_str().unwrap());
+    let b = Server::start(&["--export", &exp, "--listen", "127.0.0.1:0"]);
+    assert!(b.logs().contains("lease taken"), "{}", b.logs());
+    b.python(
+        r#"
+h = connect("v")
+check_buf(h.pread(300 * KiB, 5 * MiB), pat(5, 300 * KiB), "written before the stop")
+print("__longwire_script_completed__")
+"#,
+    );
 }
 
 #[test]

@@ -122,7 +122,10 @@ impl Lease {
     /// Ok while writes may go to the bucket; otherwise why not.
     pub fn check(&self) -> Result<(), String> {
         if self.is_released() {
-            return Err("the volume was closed and its lease given back; this server no longer writes it".into());
+            return Err(
+                "the volume was closed and its lease given back; this server no longer writes it"
+                    .into(),
+            );
         }
         if let Some(who) = self.lost_to.lock().as_ref() {
             return Err(format!(

@@ -278,7 +278,9 @@ async fn zstd_chunks_and_status() {
     assert!(e.contains("in use"), "{e}");
     v.close().await.unwrap();
     assert!(
-        !f.objects("vols/a").await.contains(&"vols/a/lease.json".to_string()),
+        !f.objects("vols/a")
+            .await
+            .contains(&"vols/a/lease.json".to_string()),
         "lease deleted at close"
     );
     // Closed: writes are refused rather than going out without a lease.
