@@ -85,6 +85,10 @@ pub struct NetSummary {
     pub shutdown_clean: bool,
     /// Client connections the server held when SIGTERM was sent.
     pub connections_at_sigterm: usize,
+    /// Bytes of read replies the stalled clients had asked for but the
+    /// paused proxy had not passed on at SIGTERM (an upper bound on what
+    /// the server was holding or blocked on).
+    pub replies_held: u64,
 }
 
 fn proxied_config(reconnect: bool) -> ClientConfig {
@@ -422,14 +426,29 @@ pub async fn run(opts: &NetOptions, mut report: impl FnMut(String)) -> anyhow::R
         .await?;
         stalled.push(c);
     }
-    stall_proxy.set_paused(true);
+    // Big reads first; once their requests have reached the server, pause,
+    // so the server holds replies it cannot send.
+    const READS: u64 = 16;
+    const READ_LEN: u32 = 4 << 20;
     let readers: Vec<_> = stalled
         .iter()
-        .flat_map(|c| (0..8).map(move |i| (c.clone(), i)))
-        .map(|(c, i)| tokio::spawn(async move { c.read(i * (1 << 20), 1 << 20).await.is_ok() }))
+        .flat_map(|c| (0..READS).map(move |i| (c.clone(), i)))
+        .map(|(c, i)| {
+            tokio::spawn(async move { c.read(i * READ_LEN as u64, READ_LEN).await.is_ok() })
+        })
         .collect();
+    let requests_sent = opts.stalled_at_shutdown as u64 * READS * 28;
+    let t = Instant::now();
+    while stall_proxy.stats().bytes_to_target < requests_sent
+        && t.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stall_proxy.set_paused(true);
     let half_handshake = tokio::net::TcpStream::connect(server.addr()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    sum.replies_held = (opts.stalled_at_shutdown as u64 * READS * READ_LEN as u64)
+        .saturating_sub(stall_proxy.stats().bytes_from_target);
     sum.connections_at_sigterm = server.resources()?.sockets.saturating_sub(fresh.sockets);
     let (took, clean) =
         tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(30))).await??;
@@ -441,9 +460,10 @@ pub async fn run(opts: &NetOptions, mut report: impl FnMut(String)) -> anyhow::R
         r.abort();
     }
     report(format!(
-        "SIGTERM with {} client connections open ({} stalled behind a paused proxy with reads outstanding, one mid-handshake): exited in {took:?} (status {})",
+        "SIGTERM with {} client connections open ({} stalled behind a paused proxy, {} MiB of read replies held back; one mid-handshake): exited in {took:?} (status {})",
         sum.connections_at_sigterm,
         opts.stalled_at_shutdown,
+        sum.replies_held >> 20,
         if clean { "0" } else { "non-zero" }
     ));
     Ok(sum)
@@ -493,6 +513,11 @@ pub fn judge(sum: &NetSummary) -> Vec<String> {
             "only {} client connections were open at SIGTERM: the stalled clients did not connect",
             sum.connections_at_sigterm
         ));
+    }
+    if sum.replies_held == 0 {
+        bad.push(
+            "the stalled clients' replies all got through: nothing was stalled at SIGTERM".into(),
+        );
     }
     if sum.shutdown_time > Duration::from_secs(5) || !sum.shutdown_clean {
         bad.push(format!(

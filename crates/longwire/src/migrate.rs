@@ -71,9 +71,9 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     }
     opened
         .volume
-        .flush()
+        .close()
         .await
-        .with_context(|| format!("flushing {}", args.dst))?;
+        .with_context(|| format!("flushing and closing {}", args.dst))?;
     let p = clone.progress();
     if show {
         eprintln!(

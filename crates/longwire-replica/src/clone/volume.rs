@@ -358,6 +358,14 @@ impl Volume for CloneVolume {
         out.extend(self.h.local.status());
         out
     }
+
+    /// Commit the hydration bitmap (a flush does), then close the local
+    /// store (an S3 store gives up its lease).
+    async fn close(&self) -> VolumeResult<()> {
+        let flushed = self.flush().await;
+        self.h.local.close().await?;
+        flushed
+    }
 }
 
 /// Cut an extent list to at most `limit` bytes.

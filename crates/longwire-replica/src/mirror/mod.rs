@@ -617,6 +617,14 @@ impl Volume for Mirror {
         v.extend(self.shared.local.status());
         v
     }
+
+    /// A last flush (so the dirty bitmap on disk is as small as it can be),
+    /// then the local store's own close (an S3 store gives up its lease).
+    async fn close(&self) -> VolumeResult<()> {
+        let flushed = self.flush().await;
+        self.shared.local.close().await?;
+        flushed
+    }
 }
 
 #[cfg(test)]

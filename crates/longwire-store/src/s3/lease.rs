@@ -73,7 +73,7 @@ impl LeaseRecord {
             "host {}, pid {}, since {} ({} s ago; lease expires in {} s unless renewed)",
             self.host,
             self.pid,
-            self.since,
+            utc(self.since),
             now.saturating_sub(self.since),
             self.expires.saturating_sub(now)
         )
@@ -399,4 +399,12 @@ fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let r = unsafe { libc::kill(pid as i32, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Unix seconds as `2026-11-21 12:34:56 UTC`, for people reading messages.
+fn utc(unix: u64) -> String {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .map_or_else(|| format!("{unix} (unix time)"), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
 }
