@@ -10,7 +10,8 @@ forking servers are counted fully).
 
 The "stores" workloads run the same fio jobs against longwire itself with
 each store behind the export (file, sqlite, memory, and s3 when
-LONGWIRE_BENCH_S3_URI names a volume URI), for the Stores table.
+LONGWIRE_BENCH_S3_URI names a volume URI; LONGWIRE_BENCH_S3_SETTINGS, if
+set, describes it in the report instead of the URI), for the Stores table.
 
 A run limited with --only or --servers keeps every other table from the
 saved docs/BENCHMARKS.json, so `bench/run --only stores` refreshes one table.
@@ -240,7 +241,8 @@ STORE_SERVERS = [
     LongwireStore("file", "raw image on the local file system (page cache)"),
     LongwireStore("sqlite", "one SQLite database, 64 KiB chunks, no compression, WAL"),
     LongwireStore("memory", "sparse RAM, 64 KiB chunks"),
-] + ([LongwireStore("s3", "LONGWIRE_BENCH_S3_URI: " + os.environ["LONGWIRE_BENCH_S3_URI"])]
+] + ([LongwireStore("s3", os.environ.get("LONGWIRE_BENCH_S3_SETTINGS")
+                    or "LONGWIRE_BENCH_S3_URI: " + os.environ["LONGWIRE_BENCH_S3_URI"])]
      if os.environ.get("LONGWIRE_BENCH_S3_URI") else [])
 
 

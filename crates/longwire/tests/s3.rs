@@ -3,14 +3,19 @@
 //! and damage them): writes and reads with libnbd and qemu, holes in
 //! BLOCK_STATUS, qemu-img convert both ways, restarts, data acknowledged
 //! after FLUSH surviving SIGKILL (and unflushed cache uploaded on restart),
-//! the single-writer lease (and its release on a clean stop), and corrupt
-//! objects.
+//! the single-writer lease (and its release on a clean stop), corrupt
+//! objects, ext4 on nbdfuse surviving a restart with an emptied cache, and
+//! `longwire copy` of a sparse image in and out with the holes kept.
 
 mod common;
 
+use common::fuse::{ext4_round_trip, Mounts};
+use common::json::Json;
 use common::s3::{serve_fails, S3sFs};
 use common::*;
 use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
 use std::time::Duration;
 
 /// `--export v=s3://…` with a 64 MiB volume of 256 KiB chunks, its cache
@@ -286,5 +291,188 @@ print("__longwire_script_completed__")
     assert!(
         err.contains("s3://longwire-test/bad") && err.contains("not a longwire volume manifest"),
         "{err}"
+    );
+}
+
+/// ext4 through nbdfuse and a loop mount (mkfs, files, fsck, fstrim), then
+/// a clean stop, the write-back cache deleted and a restart: the
+/// filesystem now comes from the bucket alone, and is clean and whole.
+#[test]
+fn ext4_on_nbdfuse_survives_restart_from_the_bucket() {
+    const SIZE: u64 = 128 * MIB;
+    let s3 = S3sFs::start();
+    let uri = s3.uri(
+        "fs",
+        "&size=128M&chunk_size=256K&cache={dir}/cache&lease_ttl=3s&timeout=10s",
+    );
+    let mut s = Server::start(&["--export", &format!("fs={uri}"), "--listen", "127.0.0.1:0"]);
+    let sums = ext4_round_trip(&s, "fs", SIZE);
+    s.terminate();
+    assert!(s.logs().contains("lease released"), "{}", s.logs());
+    // Sparse: mkfs discarded the volume, so only what ext4 wrote is stored.
+    let chunks = s3.chunks("fs").len() as u64;
+    assert!(
+        chunks > 0 && chunks * 256 * KIB < 64 * MIB,
+        "{chunks} chunks of 256 KiB in the bucket for a 128 MiB volume"
+    );
+
+    fs::remove_dir_all(s.dir().join("cache")).unwrap();
+    s.start_again();
+    assert!(
+        !s.logs().contains("left in the cache"),
+        "the cache was deleted, yet: {}",
+        s.logs()
+    );
+    let mut m = Mounts::default();
+    let dev = m.start_nbdfuse(&s, "fs", &s.dir().join("fuse"), SIZE);
+    let out = run_unchecked(command("fsck.ext4").args(["-n", "-f"]).arg(&dev), &s.logs());
+    assert!(
+        out.status.success(),
+        "fsck after restart: {out:?}\n{}",
+        s.logs()
+    );
+    let mnt = s.dir().join("mnt");
+    m.mount_loop(&dev, &mnt);
+    // What ext4_round_trip left: every file but the ones it deleted.
+    let files = common::fuse::test_files();
+    for ((name, data), sum) in files.iter().zip(&sums) {
+        let p = mnt.join(name);
+        if name.starts_with("many/") || name == "odd-size.bin" {
+            assert!(!p.exists(), "{name} was deleted before the restart");
+            continue;
+        }
+        assert_eq!(&sha256_file(&p), sum, "sha256 of {name} after restart");
+        assert!(
+            fs::read(&p).unwrap() == *data,
+            "content of {name} after restart"
+        );
+    }
+    m.umount_loop(&mnt);
+    m.stop_nbdfuse();
+}
+
+/// A 64 MiB sparse image whose data sits on 64 KiB boundaries, so a volume
+/// of 64 KiB chunks holds exactly the same runs.
+const COPY_SIZE: u64 = 64 * MIB;
+const COPY_DATA: &[(u64, u64)] = &[
+    (0, MIB),
+    (10 * MIB, 64 * KIB),
+    (20 * MIB, 3 * MIB),
+    (COPY_SIZE - 128 * KIB, 128 * KIB),
+];
+
+/// The data runs `qemu-img map` sees in a raw image.
+fn data_runs(path: &Path) -> Vec<(u64, u64)> {
+    let out = run(
+        "qemu-img",
+        &["map", "-f", "raw", "--output=json", path.to_str().unwrap()],
+    );
+    Json::parse(&out)
+        .unwrap()
+        .as_array()
+        .iter()
+        .filter(|e| e.get("data").as_bool())
+        .map(|e| (e.get("start").as_u64(), e.get("length").as_u64()))
+        .collect()
+}
+
+/// `longwire ARGS` without a server; must succeed. Returns stdout.
+fn longwire(dir: &Path, args: &[&str]) -> String {
+    run_cmd(
+        command(&server_binary())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .current_dir(dir),
+        "",
+    )
+}
+
+/// `longwire copy` of a sparse image into an S3 volume and back out (with
+/// another, empty cache, so the data comes from the bucket): `qemu-img
+/// compare` finds them equal, the bucket holds only the chunks with data,
+/// and the copy out is as sparse as the source.
+#[test]
+fn copy_a_sparse_image_in_and_out_keeps_holes() {
+    let s3 = S3sFs::start();
+    let dir = tempfile::Builder::new()
+        .prefix("longwire-s3-copy-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let d = dir.path();
+    let src = d.join("src.raw");
+    let f = fs::File::create(&src).unwrap();
+    f.set_len(COPY_SIZE).unwrap();
+    for (i, &(off, len)) in COPY_DATA.iter().enumerate() {
+        f.write_all_at(&pattern(90 + i as u64, len as usize), off)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    assert_eq!(data_runs(&src), COPY_DATA, "qemu-img map of the source");
+    let data: u64 = COPY_DATA.iter().map(|r| r.1).sum();
+
+    let vol = s3.uri("copied", "&chunk_size=64K");
+    let with_cache = |name: &str| format!("{vol}&cache={}", d.join(name).display());
+    longwire(d, &["create", &vol, "--size", "64M"]);
+    let copy_in = with_cache("cache-in");
+    longwire(
+        d,
+        &[
+            "copy",
+            &format!("file:{}", src.display()),
+            &copy_in,
+            "--no-progress",
+        ],
+    );
+    assert_eq!(
+        s3.chunks("copied").len() as u64,
+        data / (64 * KIB),
+        "{:?}",
+        s3.chunks("copied")
+    );
+    let info = Json::parse(&longwire(d, &["info", &vol, "--json"])).unwrap();
+    assert_eq!(info.get("allocated").as_u64(), data, "{info:?}");
+    assert_eq!(info.get("chunks").as_u64(), data / (64 * KIB), "{info:?}");
+    assert!(
+        !s3.object_path("copied/lease.json").exists(),
+        "copy kept the lease"
+    );
+
+    let out = d.join("out.raw");
+    longwire(
+        d,
+        &[
+            "copy",
+            &with_cache("cache-out"),
+            &format!("file:{}", out.display()),
+            "--no-progress",
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        data_runs(&out),
+        COPY_DATA,
+        "holes were filled on the way out"
+    );
+    let md = fs::metadata(&out).unwrap();
+    assert_eq!(md.len(), COPY_SIZE);
+    assert!(
+        md.blocks() * 512 <= data + MIB,
+        "out.raw is not sparse: {} bytes allocated",
+        md.blocks() * 512
+    );
+    assert!(
+        !d.join("longwire-cache").exists(),
+        "a cache was made in the working directory"
     );
 }

@@ -406,5 +406,8 @@ fn utc(unix: u64) -> String {
     i64::try_from(unix)
         .ok()
         .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
-        .map_or_else(|| format!("{unix} (unix time)"), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .map_or_else(
+            || format!("{unix} (unix time)"),
+            |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        )
 }

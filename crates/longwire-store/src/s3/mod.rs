@@ -409,16 +409,18 @@ impl S3Volume {
             end_whole
         };
         let mut touched = Vec::new();
-        // Partial chunks at the ends: rewrite with zeros (only if they hold data).
+        // Partial chunks at the ends: rewrite with zeros (only if they hold
+        // data). A range inside one chunk is one piece; a range across a
+        // chunk boundary with no whole chunk in it is two, one per chunk.
         let mut edges = Vec::new();
-        if first_whole >= end_whole {
+        if first_whole > end_whole {
             edges.push((offset, end));
         } else {
             if offset < first_whole * chunk {
-                edges.push((offset, first_whole * chunk));
+                edges.push((offset, (first_whole * chunk).min(end)));
             }
             if end_whole * chunk < end {
-                edges.push((end_whole * chunk, end));
+                edges.push(((end_whole * chunk).max(offset), end));
             }
         }
         for (from, to) in edges {

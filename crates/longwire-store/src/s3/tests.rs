@@ -310,3 +310,32 @@ async fn cache_bound_forces_uploads() {
         assert_eq!(v.read(i * C + 7, 1).await.unwrap()[0], i as u8 + 1);
     }
 }
+
+/// TRIM and WRITE_ZEROES over partial chunks: across a chunk boundary with
+/// no whole chunk inside (two pieces, one per chunk), inside one chunk,
+/// and inside the volume's short last chunk. Only the range reads as zeros.
+#[tokio::test]
+async fn zeroing_partial_chunks() {
+    let f = Fixture::new();
+    let size = 4 * C + 300;
+    let v = f.open(&f.opts(Some(size))).await.unwrap();
+    v.write(0, Bytes::from(vec![7u8; size as usize]), false)
+        .await
+        .unwrap();
+    let ranges = [(C - 100, 300), (2 * C + 10, 20), (4 * C + 280, 20)];
+    for &(off, len) in &ranges[..2] {
+        v.trim(off, len, false).await.unwrap();
+    }
+    let (off, len) = ranges[2];
+    v.write_zeroes(off, len, ZeroFlags::default())
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    let got = v.read(0, size as usize).await.unwrap();
+    for (i, &b) in got.iter().enumerate() {
+        let i = i as u64;
+        let zeroed = ranges.iter().any(|&(o, l)| i >= o && i < o + l);
+        assert_eq!(b, if zeroed { 0 } else { 7 }, "byte {i}");
+    }
+    assert_eq!(f.objects("vols/a/chunks").await.len(), 5);
+}

@@ -607,6 +607,10 @@ impl WriterThread {
             }
             self.scratch.clear();
             self.scratch.resize(vol.chunk as usize, 0);
+        } else if writes_zero && is_zero(&self.scratch[p.start..p.start + p.len]) {
+            // Zeros over zeros: rewriting the chunk (and maybe compressing
+            // it again) would change nothing.
+            return Ok(false);
         }
         let dst = &mut self.scratch[p.start..p.start + p.len];
         match src {

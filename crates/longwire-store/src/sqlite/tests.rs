@@ -846,6 +846,43 @@ async fn flush_syncs_only_when_something_changed() {
     assert_eq!(r, 0);
 }
 
+/// Zeroing bytes of a stored chunk that are zero already leaves the chunk
+/// alone (the FUA commit finds nothing changed, so it does not sync);
+/// zeroing bytes that hold data still zeroes exactly those.
+#[tokio::test]
+async fn zeroing_zeros_in_a_stored_chunk_changes_nothing() {
+    let d = db();
+    let v = open(&d.path, "v", opts(M, C));
+    let syncs = || -> i64 {
+        Connection::open(&d.path)
+            .unwrap()
+            .query_row("SELECT value FROM meta WHERE key = 'syncs'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let half = (C / 2) as usize;
+    let data = pattern(half, 5);
+    v.write(C / 2, Bytes::from(data.clone()), true)
+        .await
+        .unwrap();
+    assert_eq!(syncs(), 1);
+    let fua = ZeroFlags {
+        fua: true,
+        ..Default::default()
+    };
+    v.write_zeroes(0, C / 2, fua).await.unwrap();
+    assert_eq!(syncs(), 1, "zeros over zeros rewrote the chunk");
+    v.write_zeroes(C / 2 + 16, 16, fua).await.unwrap();
+    assert_eq!(syncs(), 2);
+    let got = v.read(0, C as usize).await.unwrap();
+    let mut want = vec![0u8; C as usize];
+    want[half..].copy_from_slice(&data);
+    want[half + 16..half + 32].fill(0);
+    assert_eq!(&got[..], &want[..]);
+    assert_eq!(rows(&d.path, "v"), 1);
+}
+
 /// Many tasks write, zero and trim small ranges that share chunks (each
 /// task owns every 64th 16-byte stripe, so the final content does not
 /// depend on the interleaving); the result must equal a model of the same

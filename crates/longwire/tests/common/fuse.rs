@@ -1,6 +1,7 @@
 //! A real filesystem on a longwire export, shared by the tests that need
-//! one (`fuse_mount.rs`, `sqlite.rs`): nbdfuse exposes the export as a
-//! file, mkfs.ext4 formats it, the kernel mounts it through a loop device.
+//! one (`fuse_mount.rs`, `sqlite.rs`, `s3.rs`): nbdfuse exposes the export
+//! as a file, mkfs.ext4 formats it, the kernel mounts it through a loop
+//! device.
 //!
 //! Needs root, /dev/fuse and loop devices.
 

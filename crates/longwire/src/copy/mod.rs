@@ -6,8 +6,11 @@
 //! [`NbdVolume`], which asks the server for block status). SRC's allocation
 //! map is walked first; data extents are read and written in chunks, many at
 //! once; holes and zero extents are never read, and on DST they are zeroed
-//! only where DST itself may hold data (a fresh or sparse destination is
-//! left alone). DST is flushed at the end.
+//! only where DST's own map, taken before the copy starts, says it held
+//! data (a fresh or sparse destination is left alone; see [`alloc_map`]).
+//! DST is flushed at the end.
+
+mod alloc_map;
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,17 +18,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use longwire_core::{Extent, ExtentKind, ReadSegment, Volume, ZeroFlags};
+use longwire_core::{ReadSegment, Volume, ZeroFlags};
 use longwire_nbd::client::{ClientConfig, NbdVolume};
 use tokio::task::JoinSet;
 
 use crate::cli::CopyArgs;
 use crate::units::human_size;
+use alloc_map::AllocationMap;
 
 /// Largest piece read and written at once.
 const CHUNK: u64 = 4 << 20;
-/// Largest range asked about in one extents call.
-const EXTENTS_ASK: u64 = 1 << 30;
 
 fn is_nbd(uri: &str) -> bool {
     let scheme = uri.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
@@ -61,7 +63,7 @@ struct Counters {
     read: AtomicU64,
     /// Bytes of SRC that were holes or zeros and were not read.
     skipped: AtomicU64,
-    /// Bytes zeroed on DST (where DST held data under a SRC hole).
+    /// Bytes zeroed on DST (where DST held data under a SRC zero run).
     zeroed: AtomicU64,
 }
 
@@ -84,30 +86,11 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
 
-    // The allocation map of SRC, merged.
-    let mut map: Vec<(u64, Extent)> = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let exts = src.extents(off, (size - off).min(EXTENTS_ASK)).await.with_context(|| format!("allocation map of {}", args.src))?;
-        if exts.is_empty() {
-            bail!("{} returned an empty allocation map at offset {off}", args.src);
-        }
-        for e in exts {
-            let len = e.len.min(size - off);
-            if len == 0 {
-                break;
-            }
-            match map.last_mut() {
-                Some((_, last)) if last.kind.reads_as_zero() == e.kind.reads_as_zero() => last.len += len,
-                _ => map.push((off, Extent::new(len, if e.kind.reads_as_zero() { ExtentKind::Zero } else { ExtentKind::Data }))),
-            }
-            off += len;
-            if off >= size {
-                break;
-            }
-        }
-    }
-    let total_data: u64 = map.iter().filter(|(_, e)| e.kind == ExtentKind::Data).map(|(_, e)| e.len).sum();
+    let src_map = AllocationMap::read(&*src, size).await.with_context(|| format!("allocation map of {}", args.src))?;
+    // Before anything is written: where DST may hold data of its own.
+    let dst_map =
+        Arc::new(AllocationMap::read(&*dst, size).await.with_context(|| format!("allocation map of {}", args.dst))?);
+    let total_data = src_map.data_bytes();
 
     let counters = Arc::new(Counters::default());
     let progress = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
@@ -132,9 +115,9 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
 
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let mut failure: Option<anyhow::Error> = None;
-    'walk: for (start, ext) in map {
-        let end = start + ext.len;
-        let mut pos = start;
+    'walk: for run in src_map.runs() {
+        let end = run.start + run.len;
+        let mut pos = run.start;
         while pos < end {
             let len = (end - pos).min(CHUNK);
             while tasks.len() >= parallel {
@@ -145,14 +128,14 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            let (src, dst, c) = (src.clone(), dst.clone(), counters.clone());
-            let data = ext.kind == ExtentKind::Data;
+            let (src, dst, dst_map, c) = (src.clone(), dst.clone(), dst_map.clone(), counters.clone());
+            let data = run.data;
             tasks.spawn(async move {
                 if data {
-                    copy_chunk(&*src, &*dst, pos, len, &c).await
+                    copy_chunk(&*src, &*dst, &dst_map, pos, len, &c).await
                 } else {
                     c.skipped.fetch_add(len, Ordering::Relaxed);
-                    zero_where_needed(&*dst, pos, len, &c).await
+                    zero_where_needed(&*dst, &dst_map, pos, len, &c).await
                 }
             });
             pos += len;
@@ -193,7 +176,14 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
 
 /// Copy `[pos, pos + len)`, which SRC says holds data; runs SRC reports as
 /// zero on the way (sparse reads) and all-zero buffers count as holes.
-async fn copy_chunk(src: &dyn Volume, dst: &dyn Volume, pos: u64, len: u64, c: &Counters) -> anyhow::Result<()> {
+async fn copy_chunk(
+    src: &dyn Volume,
+    dst: &dyn Volume,
+    dst_map: &AllocationMap,
+    pos: u64,
+    len: u64,
+    c: &Counters,
+) -> anyhow::Result<()> {
     let segments = src.read_sparse(pos, len as usize).await.with_context(|| format!("reading {len} bytes at {pos}"))?;
     let mut at = pos;
     for seg in segments {
@@ -205,11 +195,11 @@ async fn copy_chunk(src: &dyn Volume, dst: &dyn Volume, pos: u64, len: u64, c: &
             }
             ReadSegment::Data(_) => {
                 c.read.fetch_add(n, Ordering::Relaxed);
-                zero_where_needed(dst, at, n, c).await?;
+                zero_where_needed(dst, dst_map, at, n, c).await?;
             }
             ReadSegment::Zero(_) => {
                 c.skipped.fetch_add(n, Ordering::Relaxed);
-                zero_where_needed(dst, at, n, c).await?;
+                zero_where_needed(dst, dst_map, at, n, c).await?;
             }
         }
         at += n;
@@ -218,28 +208,15 @@ async fn copy_chunk(src: &dyn Volume, dst: &dyn Volume, pos: u64, len: u64, c: &
 }
 
 /// Make `[pos, pos + len)` of DST read as zeros, touching only the parts
-/// DST does not already know to be zero.
-async fn zero_where_needed(dst: &dyn Volume, pos: u64, len: u64, c: &Counters) -> anyhow::Result<()> {
-    let end = pos + len;
-    let mut at = pos;
-    while at < end {
-        let exts = dst.extents(at, end - at).await.with_context(|| format!("allocation map of the destination at {at}"))?;
-        if exts.is_empty() {
-            bail!("the destination returned an empty allocation map at offset {at}");
-        }
-        for e in exts {
-            let n = e.len.min(end - at);
-            if !e.kind.reads_as_zero() {
-                dst.write_zeroes(at, n, ZeroFlags { may_trim: true, ..Default::default() })
-                    .await
-                    .with_context(|| format!("zeroing {n} bytes at {at}"))?;
-                c.zeroed.fetch_add(n, Ordering::Relaxed);
-            }
-            at += n;
-            if at >= end {
-                break;
-            }
-        }
+/// that held data before the copy started. The rest still reads as zeros:
+/// the copy writes only SRC's data, never inside SRC's zero runs.
+async fn zero_where_needed(dst: &dyn Volume, dst_map: &AllocationMap, pos: u64, len: u64, c: &Counters) -> anyhow::Result<()> {
+    for (start, end) in dst_map.data_within(pos, pos + len) {
+        let n = end - start;
+        dst.write_zeroes(start, n, ZeroFlags { may_trim: true, ..Default::default() })
+            .await
+            .with_context(|| format!("zeroing {n} bytes at {start}"))?;
+        c.zeroed.fetch_add(n, Ordering::Relaxed);
     }
     Ok(())
 }
