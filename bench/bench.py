@@ -132,9 +132,9 @@ class Longwire(Server):
 class LongwireStore(Longwire):
     """longwire serving the benchmark volume from one of its stores. Every
     store starts with the same 1 GiB of random data: its own image
-    (stores.img, since the iSCSI write runs fill bench.img with zeros, which
-    sqlite would store as holes), copied once into sqlite (stores.db, kept)
-    and s3; memory is filled per run."""
+    (stores.img, apart from bench.img, which the other workloads overwrite),
+    copied once into sqlite (stores.db, kept) and s3; memory is filled per
+    run."""
 
     def __init__(self, kind, settings):
         super().__init__(f"store {kind}", settings, ("stores",))
@@ -309,7 +309,9 @@ def iscsi_tool(url, wl, runtime):
     if wl.tool == "qemu-img":
         cmd = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-c", str(wl.count), "-d", str(wl.depth), "-s", str(wl.bs)]
         if wl.write:
-            cmd.append("-w")
+            # Not qemu-img's default zeros: they would turn the shared image
+            # into one that is mostly zero runs, which NBD reads skip.
+            cmd += ["-w", "--pattern", "0xa5"]
         out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
         secs = float(out.strip().splitlines()[-1].split()[3])
         iops = wl.count / secs
@@ -519,13 +521,32 @@ class Cell:
         return statistics.median(r[key] for r in self.runs)
 
 
+# Images made (or found untouched) in this run; each is checked once.
+_images_ready = set()
+
+
 def make_image(path):
-    if os.path.exists(path) and os.path.getsize(path) == IMAGE_SIZE:
+    """1 GiB of random data at path. An image from an earlier run is reused
+    only if nothing has written to it since it was made (its mtime still
+    matches the stamp beside it): the write workloads overwrite it, and the
+    tables promise random data."""
+    if path in _images_ready:
         return
+    _images_ready.add(path)
+    stamp = path + ".random"
+    try:
+        with open(stamp) as f:
+            if os.path.getsize(path) == IMAGE_SIZE and int(f.read()) == os.stat(path).st_mtime_ns:
+                return
+    except (OSError, ValueError):
+        pass
     print(f"creating {path} (1 GiB of random data)", file=sys.stderr)
-    with open(path, "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         for _ in range(IMAGE_SIZE // (1 << 20)):
             f.write(os.urandom(1 << 20))
+    os.replace(path + ".tmp", path)
+    with open(stamp, "w") as f:
+        f.write(str(os.stat(path).st_mtime_ns))
 
 
 def versions():

@@ -22,6 +22,21 @@ pub(crate) struct Connected {
     pub rd: BoxRead,
     pub wr: BoxWrite,
     pub info: ExportInfo,
+    /// A second handle on the TCP socket (none for unix sockets), so a
+    /// connection given up for dead can be reset: see [`Connected::abandon`].
+    pub socket: Option<socket2::Socket>,
+}
+
+impl Connected {
+    /// Mark the socket to be reset rather than closed when its halves are
+    /// dropped: the kernel then discards what it has not sent yet instead of
+    /// retransmitting it, so old requests cannot reach the server after the
+    /// ones re-sent on a new connection when the network heals.
+    pub fn abandon(socket: &Option<socket2::Socket>) {
+        if let Some(s) = socket {
+            let _ = s.set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
 }
 
 fn connect_error(address: &Address, e: io::Error) -> ClientError {
@@ -81,11 +96,13 @@ pub(crate) async fn connect(uri: &NbdUri, config: &ClientConfig, tls: Option<&Cl
         };
         match open_stream(address).await.map_err(|e| connect_error(address, e))? {
             Plain::Tcp(s) => {
+                let dup = socket2::SockRef::from(&s).try_clone().map_err(|e| connect_error(address, e))?;
                 handshake(s, opts, tls, |s| {
                     let (r, w) = s.into_split();
                     (Box::new(r), Box::new(w))
                 })
                 .await
+                .map(|c| Connected { socket: Some(dup), ..c })
             }
             Plain::Unix(s) => {
                 handshake(s, opts, tls, |s| {
@@ -145,7 +162,7 @@ where
     match drive(&mut stream, &mut n, &mut out, action).await? {
         Step::Done(info) => {
             let (rd, wr) = split(stream);
-            Ok(Connected { rd, wr, info })
+            Ok(Connected { rd, wr, info, socket: None })
         }
         Step::StartTls => {
             let Some(tls) = tls else {
@@ -163,7 +180,7 @@ where
             match step {
                 Step::Done(info) => {
                     let (r, w) = tokio::io::split(stream);
-                    Ok(Connected { rd: Box::new(r), wr: Box::new(w), info })
+                    Ok(Connected { rd: Box::new(r), wr: Box::new(w), info, socket: None })
                 }
                 Step::StartTls => Err(NegotiationError::Protocol("STARTTLS acknowledged twice".into()).into()),
             }

@@ -41,7 +41,14 @@
 //!   if the server is still executing it from the dead connection after a
 //!   whole reconnect and round trip. Callers that give up on a request
 //!   (deadline passed) and then write the same blocks again are exposed to
-//!   the same window, as with any block device timeout.
+//!   the same window, as with any block device timeout. To keep that window
+//!   small, a connection given up for dead is reset (SO_LINGER 0), so the
+//!   client's kernel drops the requests it still holds instead of
+//!   retransmitting them once the network heals. What a middlebox already
+//!   buffered (a TCP-terminating proxy) can still arrive late; the network
+//!   torture in `longwire-torture net --reconnecting-client` reproduces
+//!   exactly that through its buffering fault proxy (see
+//!   docs/RELIABILITY.md).
 //! - Durability. A write acknowledged *before* the connection dropped but
 //!   not yet flushed is lost if the server itself crashed, and a FLUSH sent
 //!   after the reconnect cannot bring it back. Nothing in NBD tells a
@@ -660,7 +667,7 @@ async fn stall_watch(conn: &ConnState, limit: Duration) -> String {
 
 /// Run one connection until it ends. Outstanding requests are re-queued.
 async fn run_connection(shared: &Arc<Shared>, slot: usize, c: Connected) -> ConnEnd {
-    let Connected { rd, wr, info } = c;
+    let Connected { rd, wr, info, socket } = c;
     let conn = Arc::new(ConnState {
         inflight: Mutex::new(HashMap::new()),
         last_rx: Mutex::new(Instant::now()),
@@ -684,11 +691,15 @@ async fn run_connection(shared: &Arc<Shared>, slot: usize, c: Connected) -> Conn
         why = stall_watch(&conn, shared.config.request_timeout) => ConnEnd::Lost(why),
         _ = shared.cancel.cancelled() => ConnEnd::Closed,
     };
+    if matches!(end, ConnEnd::Lost(_)) {
+        Connected::abandon(&socket);
+    }
     if !reader_done {
         reader_task.abort();
         let _ = reader_task.await;
     }
     drop(writer);
+    drop(socket);
     let mut outstanding: Vec<(u64, InFlight)> = lock(&conn.inflight).drain().collect();
     outstanding.sort_by_key(|(cookie, _)| *cookie);
     let n = outstanding.len();
