@@ -29,8 +29,10 @@ use crate::cli::ServeArgs;
 use crate::units::human_size;
 use crate::config::{Config, ExportConfig, ExportSource};
 
-/// How long sessions get to finish after a shutdown signal.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+/// How long sessions get to finish after a shutdown signal: short enough
+/// that, with the final flush, a server with stalled clients still exits
+/// within 5 s.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(3);
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = Config::from_args(&args)?;

@@ -552,7 +552,8 @@ impl WriterThread {
 
     /// Make `[offset, offset + len)` read as zeros: chunks wholly inside
     /// are deleted with one range DELETE (cost: chunks present, not chunks
-    /// covered), partial chunks at either end are rewritten.
+    /// covered), partial chunks at either end are rewritten (unless
+    /// those bytes are zero already).
     fn zero(&mut self, vol: &VolInfo, offset: u64, len: u64) -> VolumeResult<bool> {
         let end = offset + len;
         let first_full = offset.div_ceil(vol.chunk);
