@@ -188,15 +188,16 @@ fn zero_runs_are_zeroed_only_where_the_destination_held_data() {
     }
 
     // A volume full of other data: every zero run of the source is zeroed,
-    // including the parts of chunks that keep data.
+    // including the parts of chunks that keep data (the holes of the sparse
+    // half through the zero step; zero runs between data may instead be
+    // written with the data).
     let ones = dir.path().join("ones.raw");
     fs::write(&ones, vec![0xffu8; RUNS_SIZE as usize]).unwrap();
     let dirty = format!("sqlite:{}?volume=dirty", p("vols.db"));
     copy(&format!("file:{}", ones.display()), &dirty);
     let sum = copy_with(&src, &dirty, &["--parallel", "1"]);
-    let zeroed = summary_number(&sum, "bytes zeroed");
-    assert_eq!(zeroed, summary_number(&sum, "bytes of holes skipped"), "{sum}");
-    assert!(zeroed >= RUNS_SIZE / 2 / (64 * KIB) * 40 * KIB, "the holes of the source were not zeroed: {sum}");
+    let holes = RUNS_SIZE / 2 / (64 * KIB) * 40 * KIB;
+    assert!(summary_number(&sum, "bytes zeroed") >= holes, "the holes of the source were not zeroed: {sum}");
     let out = dir.path().join("dirty.img");
     copy(&dirty, &format!("file:{}", out.display()));
     assert_same_bytes(&want, &out);

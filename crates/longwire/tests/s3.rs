@@ -56,6 +56,13 @@ m = allocation_map(h, 0, size, mask=nbd.STATE_HOLE)
 check_eq(m, [(0, 768 * KiB, nbd.STATE_HOLE), (768 * KiB, 768 * KiB, 0),
              (1536 * KiB, 40 * MiB - 1536 * KiB, nbd.STATE_HOLE), (40 * MiB, 256 * KiB, 0),
              (40 * MiB + 256 * KiB, 24 * MiB - 256 * KiB, nbd.STATE_HOLE)], "holes where never written")
+# TRIM across the chunk 3/4 boundary with no whole chunk inside: two partial
+# chunks rewritten, the rest of a untouched.
+h.trim(100 * KiB, 1 * MiB - 50 * KiB)    # [1 MiB - 50 KiB, 1 MiB + 50 KiB)
+want = bytearray(a)                      # a starts at 1 MiB - 7
+want[:50 * KiB + 7] = bytes(50 * KiB + 7)
+check(bytes(h.pread(50 * KiB, 1 * MiB - 50 * KiB)) == bytes(50 * KiB), "trimmed before a")
+check_buf(h.pread(len(a), 1 * MiB - 7), want, "a after a trim across chunks")
 # Zeroing a whole chunk drops its object.
 h.zero(256 * KiB, 40 * MiB, nbd.CMD_FLAG_FUA)
 check(bytes(h.pread(4096, 40 * MiB)) == bytes(4096), "zeroed")

@@ -11,6 +11,7 @@
 //! DST is flushed at the end.
 
 mod alloc_map;
+mod plan;
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use tokio::task::JoinSet;
 use crate::cli::CopyArgs;
 use crate::units::human_size;
 use alloc_map::AllocationMap;
+use plan::{plan, Step};
 
 /// Largest piece read and written at once.
 const CHUNK: u64 = 4 << 20;
@@ -175,7 +177,8 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
 }
 
 /// Copy `[pos, pos + len)`, which SRC says holds data; runs SRC reports as
-/// zero on the way (sparse reads) and all-zero buffers count as holes.
+/// zero on the way (sparse reads) and all-zero buffers count as holes
+/// (small ones between data are written with it, see [`plan`]).
 async fn copy_chunk(
     src: &dyn Volume,
     dst: &dyn Volume,
@@ -185,24 +188,21 @@ async fn copy_chunk(
     c: &Counters,
 ) -> anyhow::Result<()> {
     let segments = src.read_sparse(pos, len as usize).await.with_context(|| format!("reading {len} bytes at {pos}"))?;
-    let mut at = pos;
-    for seg in segments {
-        let n = seg.len();
+    for seg in &segments {
         match seg {
-            ReadSegment::Data(bytes) if bytes.iter().any(|&b| b != 0) => {
-                c.read.fetch_add(n, Ordering::Relaxed);
-                dst.write(at, bytes, false).await.with_context(|| format!("writing {n} bytes at {at}"))?;
+            ReadSegment::Data(_) => c.read.fetch_add(seg.len(), Ordering::Relaxed),
+            ReadSegment::Zero(n) => c.skipped.fetch_add(*n, Ordering::Relaxed),
+        };
+    }
+    let fold = u64::from(dst.capabilities().preferred_block);
+    for step in plan(pos, segments, fold) {
+        match step {
+            Step::Write { at, data } => {
+                let n = data.len();
+                dst.write(at, data, false).await.with_context(|| format!("writing {n} bytes at {at}"))?;
             }
-            ReadSegment::Data(_) => {
-                c.read.fetch_add(n, Ordering::Relaxed);
-                zero_where_needed(dst, dst_map, at, n, c).await?;
-            }
-            ReadSegment::Zero(_) => {
-                c.skipped.fetch_add(n, Ordering::Relaxed);
-                zero_where_needed(dst, dst_map, at, n, c).await?;
-            }
+            Step::Zero { at, len } => zero_where_needed(dst, dst_map, at, len, c).await?,
         }
-        at += n;
     }
     Ok(())
 }
