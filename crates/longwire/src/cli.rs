@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve volumes over NBD and iSCSI until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show a running server's exports and connections (from its admin endpoint).
     ///
     /// Exports: size, protocols, connections, requests, bytes read and

@@ -37,7 +37,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
             match runtime {
-                Ok(rt) => rt.block_on(serve::run(args)),
+                Ok(rt) => rt.block_on(serve::run(*args)),
                 Err(e) => Err(e.into()),
             }
         }
