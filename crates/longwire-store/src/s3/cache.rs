@@ -10,40 +10,60 @@
 //! DIR/clean/IDX   a copy of what the bucket holds, kept for reads (evictable)
 //! ```
 //!
-//! A chunk file is always written whole to `IDX.tmp` and renamed into
-//! place, so after a crash every chunk file holds a complete old or new
-//! chunk, never a torn mix. The rename happens before the write is
-//! acknowledged, and a renamed file survives the server being killed (the
-//! kernel holds it), so acknowledged writes outlive SIGKILL and are uploaded
-//! at the next start. FLUSH and FUA do not fsync here: they upload, which
-//! makes the data durable in the bucket (a power loss may lose acknowledged
-//! writes that no FLUSH covered, as on any disk with a volatile cache).
+//! A dirty file comes into being whole: it is prepared as `IDX.tmp` (a
+//! full new chunk, the clean copy moved over, or a sparse file of zeros)
+//! and renamed into place, so a crash never leaves half a chunk file.
+//! Later writes to a dirty chunk are a `pwrite` of just their bytes into
+//! its file, so a small write costs a small write, not a chunk. Either
+//! way the file is complete before the write is acknowledged, and a
+//! completed write survives the server being killed (the kernel holds the
+//! page), so acknowledged writes outlive SIGKILL and are uploaded at the
+//! next start; a write cut off by the kill may be partly there, as on a
+//! disk. FLUSH and FUA do not fsync here: they upload, which makes the
+//! data durable in the bucket (a power loss may lose acknowledged writes
+//! that no FLUSH covered, as on any disk with a volatile cache).
 //!
 //! Clean files are dropped at start (the bucket may have changed while we
 //! were away); dirty files are replayed. The bound (`cache_size`) covers
 //! dirty and clean chunks; clean ones are evicted least recently used
-//! first, and writers wait for uploads when dirty chunks alone fill it.
+//! first, and writers of chunks not dirty yet wait for uploads when dirty
+//! chunks alone fill it.
 //!
 //! The in-memory state keeps, per chunk, whether it is dirty (with a
-//! generation that every rewrite bumps, so an upload knows whether what it
-//! sent is still the latest) or clean, and the set of chunks present in
-//! the bucket. Callers serialize changes to one chunk with the engine's
-//! per-chunk locks; this module only keeps the files and the state in step.
+//! generation that every write bumps, so an upload knows whether what it
+//! sent is still the latest, and when it was first and last written, so
+//! the uploader can leave a busy chunk alone for a moment) or clean, and
+//! the set of chunks present in the bucket. Callers serialize changes to
+//! one chunk with the engine's per-chunk locks, so an upload reads a dirty
+//! file between writes, never during one; this module only keeps the files
+//! and the state in step. Whether a written chunk became all zeros is
+//! found out when it is read for upload (its object is then deleted)
+//! rather than by reading it back on every write.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+use super::codec;
 
 /// What the cache holds for one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry {
-    /// Newer than the bucket. `zero`: the chunk is all zeros (its object
-    /// is to be deleted), `gen` changes on every rewrite.
-    Dirty { gen: u64, zero: bool },
+    /// Newer than the bucket. `zero`: the chunk is known to be all zeros
+    /// (its file is empty, its object is to be deleted); `gen` changes on
+    /// every write; `since`: when it became dirty, `last`: its last write.
+    Dirty {
+        gen: u64,
+        zero: bool,
+        since: Instant,
+        last: Instant,
+    },
     /// Same as the bucket; `tick` orders eviction.
     Clean { tick: u64 },
 }
@@ -171,11 +191,14 @@ impl Cache {
             }
             state.gen += 1;
             let gen = state.gen;
+            let now = Instant::now();
             state.entries.insert(
                 index,
                 Entry::Dirty {
                     gen,
                     zero: len == 0,
+                    since: now,
+                    last: now,
                 },
             );
             state.dirty_bytes += len;
@@ -262,27 +285,117 @@ impl Cache {
     pub fn put_dirty(&self, index: u64, data: Option<&[u8]>) -> io::Result<()> {
         self.write_atomic(&self.file(true, index), data.unwrap_or(&[]))?;
         let mut st = self.state.lock();
-        match st.entries.get(&index).copied() {
+        let since = match st.entries.get(&index).copied() {
             Some(Entry::Clean { tick }) => {
                 st.lru.remove(&tick);
                 st.clean_bytes -= self.chunk;
                 let _ = fs::remove_file(self.file(false, index));
+                None
             }
-            Some(Entry::Dirty { zero: false, .. }) => st.dirty_bytes -= self.chunk,
-            _ => {}
+            Some(Entry::Dirty { zero, since, .. }) => {
+                if !zero {
+                    st.dirty_bytes -= self.chunk;
+                }
+                Some(since)
+            }
+            None => None,
+        };
+        self.mark_dirty(&mut st, index, data.is_none(), since);
+        if data.is_some() {
+            st.dirty_bytes += self.chunk;
         }
+        self.evict(&mut st);
+        Ok(())
+    }
+
+    /// Record a write to chunk `index`: a new generation, written now.
+    fn mark_dirty(&self, st: &mut State, index: u64, zero: bool, since: Option<Instant>) {
         st.gen += 1;
         let gen = st.gen;
+        let now = Instant::now();
         st.entries.insert(
             index,
             Entry::Dirty {
                 gen,
-                zero: data.is_none(),
+                zero,
+                since: since.unwrap_or(now),
+                last: now,
             },
         );
-        if data.is_some() {
-            st.dirty_bytes += self.chunk;
+    }
+
+    /// Write `data` at byte `start` of chunk `index` from what the cache
+    /// holds: in place into its dirty file, or into a new dirty file made
+    /// from its clean copy or from zeros. False (nothing done) when only
+    /// the bucket has the chunk: load it and use [`Cache::put_dirty`].
+    /// Blocking; the caller holds the chunk's lock.
+    pub fn write_local(&self, index: u64, start: u64, data: &[u8]) -> io::Result<bool> {
+        let dirty = self.file(true, index);
+        let mut st = self.state.lock();
+        let entry = st.entries.get(&index).copied();
+        match entry {
+            Some(Entry::Dirty {
+                zero: false, since, ..
+            }) => {
+                drop(st);
+                File::options()
+                    .write(true)
+                    .open(&dirty)?
+                    .write_all_at(data, start)?;
+                let mut st = self.state.lock();
+                self.mark_dirty(&mut st, index, false, Some(since));
+                Ok(true)
+            }
+            Some(Entry::Clean { tick }) => {
+                // Move the clean copy aside under the state lock, so
+                // eviction cannot delete it meanwhile; until the dirty file
+                // is in place the chunk reads from the bucket (behind our lock).
+                let tmp = dirty.with_extension("tmp");
+                st.lru.remove(&tick);
+                st.entries.remove(&index);
+                st.clean_bytes -= self.chunk;
+                let clean = self.file(false, index);
+                if let Err(e) = fs::rename(&clean, &tmp) {
+                    let _ = fs::remove_file(&clean);
+                    return Err(e);
+                }
+                drop(st);
+                self.finish_new_dirty(index, &tmp, start, data)?;
+                Ok(true)
+            }
+            None if st.remote.contains(&index) => Ok(false),
+            Some(Entry::Dirty { zero: true, .. }) | None => {
+                if codec::is_zero(data) {
+                    return Ok(true); // zeros already
+                }
+                drop(st);
+                let tmp = dirty.with_extension("tmp");
+                File::create(&tmp)?.set_len(self.chunk)?;
+                self.finish_new_dirty(index, &tmp, start, data)?;
+                Ok(true)
+            }
         }
+    }
+
+    /// Write `data` into the chunk file prepared at `tmp` and rename it
+    /// into place as chunk `index`'s dirty file.
+    fn finish_new_dirty(&self, index: u64, tmp: &Path, start: u64, data: &[u8]) -> io::Result<()> {
+        let done = File::options()
+            .write(true)
+            .open(tmp)
+            .and_then(|f| f.write_all_at(data, start))
+            .and_then(|()| fs::rename(tmp, self.file(true, index)));
+        if let Err(e) = done {
+            let _ = fs::remove_file(tmp);
+            return Err(e);
+        }
+        let mut st = self.state.lock();
+        let since = match st.entries.get(&index).copied() {
+            Some(Entry::Dirty { since, .. }) => Some(since),
+            _ => None,
+        };
+        self.mark_dirty(&mut st, index, false, since);
+        st.dirty_bytes += self.chunk;
         self.evict(&mut st);
         Ok(())
     }
@@ -341,10 +454,15 @@ impl Cache {
     pub fn snapshot(&self, index: u64) -> io::Result<Option<DirtySnapshot>> {
         let entry = self.state.lock().entries.get(&index).copied();
         match entry {
-            Some(Entry::Dirty { gen, zero: true }) => Ok(Some(DirtySnapshot { gen, data: None })),
-            Some(Entry::Dirty { gen, zero: false }) => {
+            Some(Entry::Dirty {
+                gen, zero: true, ..
+            }) => Ok(Some(DirtySnapshot { gen, data: None })),
+            Some(Entry::Dirty {
+                gen, zero: false, ..
+            }) => {
                 let path = self.file(true, index);
                 match self.read_file(&path)? {
+                    Some(d) if codec::is_zero(&d) => Ok(Some(DirtySnapshot { gen, data: None })),
                     Some(d) => Ok(Some(DirtySnapshot { gen, data: Some(d) })),
                     None => Err(io::Error::new(
                         io::ErrorKind::NotFound,
@@ -366,14 +484,10 @@ impl Cache {
         } else {
             st.remote.remove(&index);
         }
-        if st.entries.get(&index)
-            != Some(&Entry::Dirty {
-                gen,
-                zero: !present,
-            })
-        {
-            return;
-        }
+        let zero = match st.entries.get(&index).copied() {
+            Some(Entry::Dirty { gen: g, zero, .. }) if g == gen => zero,
+            _ => return,
+        };
         let dirty = self.file(true, index);
         if present {
             st.dirty_bytes -= self.chunk;
@@ -389,6 +503,10 @@ impl Cache {
             }
             self.evict(&mut st);
         } else {
+            // Known zero (an empty file), or found all zero at upload.
+            if !zero {
+                st.dirty_bytes -= self.chunk;
+            }
             let _ = fs::remove_file(&dirty);
             st.entries.remove(&index);
         }
@@ -402,6 +520,29 @@ impl Cache {
             .iter()
             .filter_map(|(&i, e)| match e {
                 Entry::Dirty { gen, .. } => Some((*gen, i)),
+                _ => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Dirty chunks due for upload, oldest write first: those left alone
+    /// for `quiet`, and those dirty for `max_age` however busy they are.
+    pub fn due(&self, quiet: Duration, max_age: Duration) -> Vec<u64> {
+        let now = Instant::now();
+        let st = self.state.lock();
+        let mut v: Vec<(u64, u64)> = st
+            .entries
+            .iter()
+            .filter_map(|(&i, e)| match e {
+                Entry::Dirty {
+                    gen, since, last, ..
+                } if now.duration_since(*last) >= quiet
+                    || now.duration_since(*since) >= max_age =>
+                {
+                    Some((*gen, i))
+                }
                 _ => None,
             })
             .collect();
@@ -433,6 +574,14 @@ impl Cache {
 
     pub fn clean_bytes(&self) -> u64 {
         self.state.lock().clean_bytes
+    }
+
+    /// True when chunk `index` has a dirty file (writing it takes no room).
+    pub fn holds_dirty_data(&self, index: u64) -> bool {
+        matches!(
+            self.state.lock().entries.get(&index),
+            Some(Entry::Dirty { zero: false, .. })
+        )
     }
 
     /// True when dirty chunks alone fill the cache: writers must wait.
@@ -506,6 +655,87 @@ mod tests {
         c.uploaded(3, s.gen, true);
         assert_eq!(c.dirty(), vec![3]);
         assert_eq!(c.allocated(0, 9, 9), vec![3]);
+    }
+
+    #[test]
+    fn small_writes_patch_the_cached_chunk_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), &[7, 8]).unwrap();
+        // Absent from the bucket: a sparse chunk of zeros with the piece.
+        assert!(c.write_local(1, 100, &[5u8; 10]).unwrap());
+        let mut want = vec![0u8; C as usize];
+        want[100..110].fill(5);
+        let s = c.snapshot(1).unwrap().unwrap();
+        assert_eq!(s.data.as_deref(), Some(&want[..]));
+        // Dirty: patched in place, and the generation moves on.
+        assert!(c.write_local(1, 0, &[6u8; 4]).unwrap());
+        want[..4].fill(6);
+        let s2 = c.snapshot(1).unwrap().unwrap();
+        assert_eq!(s2.data.as_deref(), Some(&want[..]));
+        assert!(s2.gen > s.gen);
+        c.uploaded(1, s.gen, true);
+        assert_eq!(c.dirty(), vec![1], "an older generation does not clean it");
+        assert_eq!(c.dirty_bytes(), C);
+
+        // Only the bucket has it: the caller must load it first.
+        assert!(!c.write_local(7, 0, &[1u8; 4]).unwrap());
+        assert_eq!(c.lookup(7), Lookup::Remote);
+        // Clean: the clean copy becomes the dirty file, patched.
+        c.put_clean(8, &[9u8; C as usize]);
+        assert!(c.write_local(8, 8, &[3u8; 8]).unwrap());
+        let mut want8 = vec![9u8; C as usize];
+        want8[8..16].fill(3);
+        assert_eq!(c.clean_bytes(), 0);
+        assert_eq!(c.dirty_bytes(), 2 * C);
+        assert!(matches!(c.lookup(8), Lookup::File(p) if p.to_string_lossy().contains("dirty")));
+        assert_eq!(c.snapshot(8).unwrap().unwrap().data.unwrap(), want8);
+        drop(c);
+
+        // Each of those writes was complete in its file: they survive a restart.
+        let c = open(dir.path(), &[7, 8]).unwrap();
+        assert_eq!(c.snapshot(1).unwrap().unwrap().data.unwrap(), want);
+        assert_eq!(c.snapshot(8).unwrap().unwrap().data.unwrap(), want8);
+    }
+
+    #[test]
+    fn a_chunk_written_back_to_zeros_is_deleted_at_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), &[]).unwrap();
+        assert!(c.write_local(2, 0, &[1u8; 8]).unwrap());
+        assert!(c.write_local(2, 0, &[0u8; 8]).unwrap());
+        assert_eq!(
+            c.allocated(0, 9, 9),
+            vec![2],
+            "not read back on every write"
+        );
+        let s = c.snapshot(2).unwrap().unwrap();
+        assert!(s.data.is_none(), "an all-zero chunk uploads as a delete");
+        c.uploaded(2, s.gen, false);
+        assert!(c.dirty().is_empty());
+        assert_eq!(c.dirty_bytes(), 0);
+        assert_eq!(c.lookup(2), Lookup::Zero);
+        assert!(c.allocated(0, 9, 9).is_empty());
+        // Zeros into a chunk that is zero already: nothing to write.
+        assert!(c.write_local(3, 0, &[0u8; 8]).unwrap());
+        assert!(c.dirty().is_empty());
+    }
+
+    #[test]
+    fn busy_chunks_wait_for_quiet_or_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), &[]).unwrap();
+        c.put_dirty(1, Some(&[1u8; C as usize])).unwrap();
+        let long = Duration::from_secs(3600);
+        assert!(c.due(long, long).is_empty(), "just written");
+        assert_eq!(c.due(Duration::ZERO, long), vec![1], "quiet long enough");
+        std::thread::sleep(Duration::from_millis(30));
+        c.write_local(1, 0, &[2u8; 4]).unwrap();
+        assert!(c.due(Duration::from_millis(20), long).is_empty());
+        assert_eq!(
+            c.due(long, Duration::from_millis(20)),
+            vec![1],
+            "dirty for longer than the maximum age, however busy"
+        );
     }
 
     #[test]

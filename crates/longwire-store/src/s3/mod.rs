@@ -13,8 +13,9 @@
 //!   wrong size or a corrupt manifest is an error naming the volume.
 //! - **Cache** ([`cache`]): writes land in a bounded directory of chunk
 //!   files and are acknowledged from there; a background task uploads
-//!   dirty chunks every second, FLUSH uploads every dirty chunk and a FUA
-//!   write its own chunks before replying. Dirty chunks survive a killed
+//!   dirty chunks once they are quiet for a second (or dirty for 10 s),
+//!   FLUSH uploads every dirty chunk and a FUA write its own chunks
+//!   before replying. Dirty chunks survive a killed
 //!   server and are uploaded at the next open.
 //! - **Lease** ([`lease`]): one writer per volume, by conditional writes
 //!   where the server honours them (probed at open), best effort otherwise.

@@ -339,3 +339,68 @@ async fn zeroing_partial_chunks() {
     }
     assert_eq!(f.objects("vols/a/chunks").await.len(), 5);
 }
+
+/// Small writes patch the cached chunk; FLUSH uploads the latest bytes, and
+/// a chunk that small writes turn back to zeros has its object deleted.
+#[tokio::test]
+async fn small_writes_upload_latest_and_zeroed_chunks_are_deleted() {
+    let f = Fixture::new();
+    let v = f.open(&f.opts(Some(4 * C))).await.unwrap();
+    for i in 0..16u64 {
+        v.write(C + i * 512, Bytes::from(vec![i as u8 + 1; 512]), false)
+            .await
+            .unwrap();
+    }
+    v.flush().await.unwrap();
+    assert_eq!(f.objects("vols/a/chunks").await.len(), 1);
+    v.write(C + 512, Bytes::from(vec![0xEE; 100]), false)
+        .await
+        .unwrap();
+    v.close().await.unwrap();
+    drop(v);
+    // A reopen with an empty cache reads what the bucket holds.
+    std::fs::remove_dir_all(f.dir.path().join("cache")).unwrap();
+    let v = f.open(&f.opts(None)).await.unwrap();
+    let got = v.read(C, 16 * 512).await.unwrap();
+    for (j, &b) in got.iter().enumerate() {
+        let want = if (512..612).contains(&j) {
+            0xEE
+        } else {
+            (j / 512) as u8 + 1
+        };
+        assert_eq!(b, want, "byte {j} of chunk 1");
+    }
+    // Zero every written byte with small writes (not WRITE_ZEROES).
+    for i in 0..16u64 {
+        v.write(C + i * 512, Bytes::from(vec![0u8; 512]), false)
+            .await
+            .unwrap();
+    }
+    v.flush().await.unwrap();
+    assert!(f.objects("vols/a/chunks").await.is_empty());
+    assert_eq!(v.dirty_bytes(), 0);
+    let ext = v.extents(0, 4 * C).await.unwrap();
+    assert!(ext.iter().all(|e| e.kind == ExtentKind::Hole), "{ext:?}");
+}
+
+/// The background uploader leaves chunks being written alone, unless dirty
+/// chunks fill more than three quarters of the cache: then the least
+/// recently written go first.
+#[tokio::test]
+async fn writeback_waits_for_quiet_chunks_unless_the_cache_fills() {
+    let f = Fixture::new();
+    let v = f.open(&f.opts(Some(8 * C))).await.unwrap();
+    for i in 0..3u64 {
+        v.write(i * C + 7, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+    }
+    assert!(v.engine.writeback_batch().is_empty(), "all just written");
+    for i in 3..7u64 {
+        v.write(i * C + 7, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+    }
+    // 7 dirty chunks in a cache of 8: the one written first, down to 6.
+    assert_eq!(v.engine.writeback_batch(), vec![0]);
+}
