@@ -272,6 +272,41 @@ impl Cache {
         }
     }
 
+    /// Read `buf.len()` bytes at `start` of a chunk file, so a small read
+    /// of a cached chunk costs a small read; false if the file vanished
+    /// (evicted or moved by an upload meanwhile: look it up again). No
+    /// lock is taken: the open file stays the same chunk version even if
+    /// it is renamed or replaced meanwhile, and a write racing the read
+    /// may or may not be seen, as on a disk. An empty file is a dirty
+    /// chunk zeroed after the lookup, which reads as zeros; any other
+    /// short file is damage.
+    pub fn read_range(&self, path: &Path, start: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match f.read_exact_at(buf, start) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let len = f.metadata()?.len();
+                if len == 0 {
+                    buf.fill(0);
+                    return Ok(true);
+                }
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "cache file {} is {len} bytes, not {}",
+                        path.display(),
+                        self.chunk
+                    ),
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp)?;
@@ -643,6 +678,52 @@ mod tests {
         c.uploaded(2, s.gen, false);
         assert!(c.dirty().is_empty());
         assert_eq!(c.dirty_bytes(), 0);
+    }
+
+    #[test]
+    fn ranged_reads_follow_the_file_they_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), &[]).unwrap();
+        let data: Vec<u8> = (0..C).map(|i| (i % 251) as u8).collect();
+        c.put_dirty(1, Some(&data)).unwrap();
+        let Lookup::File(path) = c.lookup(1) else {
+            panic!("a dirty chunk reads from its file")
+        };
+        let mut buf = [0u8; 100];
+        assert!(c.read_range(&path, 1000, &mut buf).unwrap());
+        assert_eq!(&buf[..], &data[1000..1100]);
+        let mut tail = [0u8; 16];
+        assert!(c.read_range(&path, C - 16, &mut tail).unwrap());
+        assert_eq!(&tail[..], &data[C as usize - 16..]);
+
+        // Zeroed after the lookup: the empty file reads as zeros.
+        c.put_dirty(1, None).unwrap();
+        buf.fill(1);
+        assert!(c.read_range(&path, 1000, &mut buf).unwrap());
+        assert!(buf.iter().all(|&b| b == 0));
+
+        // Uploaded after the lookup (moved to clean/): look again.
+        c.put_dirty(2, Some(&data)).unwrap();
+        let Lookup::File(path) = c.lookup(2) else {
+            panic!("a dirty chunk reads from its file")
+        };
+        let gen = c.snapshot(2).unwrap().unwrap().gen;
+        c.uploaded(2, gen, true);
+        assert!(!c.read_range(&path, 0, &mut buf).unwrap());
+
+        // A file cut short by something else is damage, not zeros.
+        let Lookup::File(path) = c.lookup(2) else {
+            panic!("a clean chunk reads from its file")
+        };
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(C / 2)
+            .unwrap();
+        let e = c.read_range(&path, C - 100, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("bytes, not"), "{e}");
     }
 
     #[test]

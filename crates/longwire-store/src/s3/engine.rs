@@ -21,7 +21,8 @@ use super::bucket::{Bucket, MAX_REQUESTS};
 use super::cache::{Cache, Lookup};
 use super::codec;
 use super::lease::Lease;
-use super::manifest::Layout;
+use super::manifest::{Layout, Manifest};
+use crate::sqlite::Compression;
 
 /// How often the background uploader looks for dirty chunks to upload.
 const WRITEBACK_INTERVAL: Duration = Duration::from_secs(1);
@@ -73,13 +74,13 @@ pub(super) struct Engine {
 }
 
 impl Engine {
+    /// `name` is `s3://bucket/prefix`, for messages; size, chunk size and
+    /// compression come from the volume's `manifest`.
     pub fn new(
         bucket: Bucket,
         layout: Layout,
         name: String,
-        size: u64,
-        chunk: u64,
-        zstd: bool,
+        manifest: &Manifest,
         cache: Cache,
         lease: Option<Arc<Lease>>,
     ) -> Engine {
@@ -87,9 +88,9 @@ impl Engine {
             bucket,
             layout,
             name,
-            size,
-            chunk,
-            zstd,
+            size: manifest.size,
+            chunk: manifest.chunk_size,
+            zstd: manifest.compression() == Compression::Zstd,
             cache,
             lease,
             chunk_locks: Stripes::new(),
@@ -145,28 +146,39 @@ impl Engine {
         Ok(())
     }
 
-    /// The contents of chunk `index` (None: all zeros). `locked`: the
-    /// caller holds the chunk's lock already.
-    pub async fn load(self: &Arc<Self>, index: u64, locked: bool) -> VolumeResult<Option<Vec<u8>>> {
+    /// `n` bytes at byte `start` of chunk `index` (None: all zeros). A
+    /// chunk in the cache reads just those bytes, without the chunk's lock
+    /// (see [`Cache::read_range`]); one only the bucket has is downloaded
+    /// whole under its lock and kept for later reads.
+    pub async fn read_piece(
+        self: &Arc<Self>,
+        index: u64,
+        start: usize,
+        n: usize,
+    ) -> VolumeResult<Option<Vec<u8>>> {
         for _ in 0..8 {
             match self.cache.lookup(index) {
                 Lookup::Zero => return Ok(None),
                 Lookup::File(path) => {
-                    if let Some(d) = self.blocking(move |e| e.cache.read_file(&path)).await? {
-                        return Ok(Some(d));
+                    let got = self
+                        .blocking(move |e| {
+                            let mut buf = vec![0u8; n];
+                            let found = e.cache.read_range(&path, start as u64, &mut buf)?;
+                            Ok(found.then_some(buf))
+                        })
+                        .await?;
+                    if got.is_some() {
+                        return Ok(got);
                     }
                     // Moved or evicted meanwhile: look again.
                 }
                 Lookup::Remote => {
-                    let _guard = if locked {
-                        None
-                    } else {
-                        Some(self.chunk_locks.lock(index).await)
-                    };
+                    let _guard = self.chunk_locks.lock(index).await;
                     if !matches!(self.cache.lookup(index), Lookup::Remote) {
                         continue;
                     }
-                    return self.fetch(index, true).await;
+                    let whole = self.fetch(index, true).await?;
+                    return Ok(whole.map(|d| d[start..start + n].to_vec()));
                 }
             }
         }
@@ -174,6 +186,14 @@ impl Engine {
             "{}: chunk {index} kept moving in the cache; giving up",
             self.name
         ))))
+    }
+
+    /// Bring chunk `index` into the cache if only the bucket has it.
+    pub async fn warm(self: &Arc<Self>, index: u64) -> VolumeResult<()> {
+        if self.cache.lookup_is_remote(index) {
+            self.read_piece(index, 0, 0).await?;
+        }
+        Ok(())
     }
 
     /// Download chunk `index` and (`keep`) keep a clean copy in the cache;
@@ -218,7 +238,7 @@ impl Engine {
             if self.cache.lookup_is_remote(index) && self.prefetching.lock().insert(index) {
                 let me = Arc::clone(self);
                 tokio::spawn(async move {
-                    let _ = me.load(index, false).await;
+                    let _ = me.warm(index).await;
                     me.prefetching.lock().remove(&index);
                 });
             }

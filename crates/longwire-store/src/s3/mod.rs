@@ -306,9 +306,7 @@ impl S3Volume {
             bucket,
             layout,
             vname.clone(),
-            manifest.size,
-            chunk,
-            manifest.compression() == Compression::Zstd,
+            &manifest,
             cache,
             lease,
         ));
@@ -370,12 +368,13 @@ impl S3Volume {
         }
     }
 
-    /// Load the chunks under `[offset, offset+len)` concurrently, in order.
+    /// Read `[offset, offset+len)` as one piece per chunk, concurrently,
+    /// in order: each piece's length and bytes (None: zeros).
     async fn load_range(
         &self,
         offset: u64,
         len: usize,
-    ) -> VolumeResult<Vec<(usize, usize, Option<Vec<u8>>)>> {
+    ) -> VolumeResult<Vec<(usize, Option<Vec<u8>>)>> {
         let chunk = self.manifest.chunk_size;
         let mut futs = Vec::new();
         let mut pos = offset;
@@ -385,7 +384,7 @@ impl S3Volume {
             let start = (pos % chunk) as usize;
             let n = ((chunk - start as u64).min(end - pos)) as usize;
             let e = Arc::clone(&self.engine);
-            futs.push(async move { e.load(index, false).await.map(|d| (start, n, d)) });
+            futs.push(async move { e.read_piece(index, start, n).await.map(|d| (n, d)) });
             pos += n as u64;
         }
         let out = futures::future::try_join_all(futs).await?;
@@ -485,11 +484,15 @@ impl Volume for S3Volume {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        let mut pieces = self.load_range(offset, len).await?;
+        if let [(_, Some(d))] = pieces.as_mut_slice() {
+            return Ok(Bytes::from(std::mem::take(d))); // one chunk: no copy
+        }
         let mut buf = vec![0u8; len];
         let mut at = 0;
-        for (start, n, data) in self.load_range(offset, len).await? {
+        for (n, data) in pieces {
             if let Some(d) = data {
-                buf[at..at + n].copy_from_slice(&d[start..start + n]);
+                buf[at..at + n].copy_from_slice(&d);
             }
             at += n;
         }
@@ -502,9 +505,9 @@ impl Volume for S3Volume {
             return Ok(Vec::new());
         }
         let mut out = SegmentBuilder::default();
-        for (start, n, data) in self.load_range(offset, len).await? {
+        for (n, data) in self.load_range(offset, len).await? {
             match data {
-                Some(d) => out.data(n).copy_from_slice(&d[start..start + n]),
+                Some(d) => out.data(n).copy_from_slice(&d),
                 None => out.zero(n as u64),
             }
         }
@@ -553,9 +556,11 @@ impl Volume for S3Volume {
 
     async fn cache(&self, offset: u64, len: u64) -> VolumeResult<()> {
         check_in_range(self.manifest.size, offset, len)?;
-        let len = len.min(MAX_PAYLOAD as u64) as usize;
+        let len = len.min(MAX_PAYLOAD as u64);
         if len > 0 {
-            self.load_range(offset, len).await?;
+            let chunk = self.manifest.chunk_size;
+            let warm = (offset / chunk..=(offset + len - 1) / chunk).map(|i| self.engine.warm(i));
+            futures::future::try_join_all(warm).await?;
         }
         Ok(())
     }
