@@ -10,6 +10,7 @@ pub mod access;
 mod error;
 mod export;
 mod extent;
+pub mod gate;
 pub mod layers;
 pub mod stats;
 mod status;

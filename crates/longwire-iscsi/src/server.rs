@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use longwire_core::stats::{ConnState, Protocol, Stats};
+use longwire_core::gate::{ConnectionGate, ConnectionSlot, Refused};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -116,23 +116,9 @@ pub struct IscsiServer {
     config: IscsiConfig,
     shutdown: CancellationToken,
     registry: Mutex<Registry>,
-    /// Connections being served now (for `max_connections`).
-    active: Arc<AtomicUsize>,
-    /// When a refusal was last logged, and how many went unlogged since.
-    refusal_log: Mutex<(Option<Instant>, u64)>,
+    /// Connections being served now, against `max_connections`.
+    gate: ConnectionGate,
 }
-
-/// A connection's place in the server-wide count; freed on drop.
-struct ConnectionSlot(Arc<AtomicUsize>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// At most one "connection limit reached" warning per this interval.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl LoginEnv for IscsiServer {
     fn target_access(&self, name: &str) -> Option<Access> {
@@ -148,41 +134,29 @@ impl IscsiServer {
     pub fn new(targets: Vec<Arc<IscsiTarget>>, config: IscsiConfig, shutdown: CancellationToken) -> Arc<IscsiServer> {
         Arc::new(IscsiServer {
             targets,
+            gate: ConnectionGate::new(config.max_connections),
             config,
             shutdown,
             registry: Mutex::new(Registry { next_tsih: 1, ..Default::default() }),
-            active: Arc::default(),
-            refusal_log: Mutex::new((None, 0)),
         })
     }
 
     /// Connections being served now (logging in or logged in).
     pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.gate.active()
     }
 
     /// Count a new connection in, unless the server is at `max_connections`.
     fn admit(&self, peer: SocketAddr) -> Option<ConnectionSlot> {
-        let max = self.config.max_connections;
-        let n = self.active.fetch_add(1, Ordering::AcqRel);
-        let slot = ConnectionSlot(self.active.clone());
-        if max == 0 || n < max {
-            return Some(slot);
+        match self.gate.admit() {
+            Ok(slot) => Some(slot),
+            Err(Refused::Report { unreported }) => {
+                let (max, more) = (self.gate.max(), Refused::suffix(unreported));
+                warn!(%peer, "iSCSI connection limit reached ({max} connections); closing the new connection{more}");
+                None
+            }
+            Err(Refused::Quiet) => None,
         }
-        drop(slot);
-        let mut log = self.refusal_log.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if log.0.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL) {
-            let more = match log.1 {
-                0 => String::new(),
-                k => format!(" ({k} more refused since the last warning)"),
-            };
-            warn!(%peer, "iSCSI connection limit reached ({max} connections); closing the new connection{more}");
-            *log = (Some(now), 0);
-        } else {
-            log.1 += 1;
-        }
-        None
     }
 
     pub fn targets(&self) -> &[Arc<IscsiTarget>] {

@@ -23,14 +23,14 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use longwire_core::stats::{ConnState, ConnStats, ExportStats, OpKind, Protocol, Stats};
+use longwire_core::gate::{ConnectionGate, ConnectionSlot, Refused};
 use longwire_core::{AddressPolicy, ExportRegistry, ExtentKind, ReadSegment, Volume, VolumeError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
@@ -93,62 +93,36 @@ pub struct NbdServer {
     registry: Arc<ExportRegistry>,
     config: ServerConfig,
     shutdown: CancellationToken,
-    /// Connections being served now (for `max_connections`).
-    active: Arc<AtomicUsize>,
-    /// When a refusal was last logged, and how many went unlogged since.
-    refusal_log: Mutex<(Option<Instant>, u64)>,
+    /// Connections being served now, against `max_connections`.
+    gate: ConnectionGate,
 }
-
-/// A connection's place in the server-wide count; freed on drop.
-struct ConnectionSlot(Arc<AtomicUsize>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// At most one "connection limit reached" warning per this interval.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl NbdServer {
     pub fn new(registry: Arc<ExportRegistry>, config: ServerConfig, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(NbdServer {
             registry,
+            gate: ConnectionGate::new(config.max_connections),
             config,
             shutdown,
-            active: Arc::default(),
-            refusal_log: Mutex::new((None, 0)),
         })
     }
 
     /// NBD connections being served now.
     pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.gate.active()
     }
 
     /// Count a new connection in, unless the server is at `max_connections`.
     fn admit(&self, peer: &str) -> Option<ConnectionSlot> {
-        let max = self.config.max_connections;
-        let n = self.active.fetch_add(1, Ordering::AcqRel);
-        let slot = ConnectionSlot(self.active.clone());
-        if max == 0 || n < max {
-            return Some(slot);
+        match self.gate.admit() {
+            Ok(slot) => Some(slot),
+            Err(Refused::Report { unreported }) => {
+                let (max, more) = (self.gate.max(), Refused::suffix(unreported));
+                warn!(%peer, "connection limit reached ({max} connections); closing the new connection{more}");
+                None
+            }
+            Err(Refused::Quiet) => None,
         }
-        drop(slot);
-        let mut log = self.refusal_log.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if log.0.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL) {
-            let more = match log.1 {
-                0 => String::new(),
-                k => format!(" ({k} more refused since the last warning)"),
-            };
-            warn!(%peer, "connection limit reached ({max} connections); closing the new connection{more}");
-            *log = (Some(now), 0);
-        } else {
-            log.1 += 1;
-        }
-        None
     }
 
     /// Run one client connection to completion. Never panics on bad input:
