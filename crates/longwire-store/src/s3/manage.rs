@@ -272,17 +272,20 @@ fn s3_opts(spec: &Spec) -> S3Options {
         .expect("an s3: target always has s3 options")
 }
 
+/// The volume's URI as `list` and `info` show it: bucket, prefix, endpoint.
+fn shown_uri(opts: &S3Options) -> String {
+    match &opts.endpoint {
+        Some(e) => format!("{}?endpoint={e}", opts.display()),
+        None => opts.display(),
+    }
+}
+
 fn volume_info(opts: &S3Options, i: &S3Info) -> VolumeInfo {
-    let endpoint = opts
-        .endpoint
-        .as_deref()
-        .map(|e| format!("?endpoint={e}"))
-        .unwrap_or_default();
     VolumeInfo {
         kind: StoreKind::S3,
         name: opts.prefix.clone(),
         location: format!("s3://{}", opts.bucket),
-        uri: format!("{}{endpoint}", opts.display()),
+        uri: shown_uri(opts),
         size: i.size,
         allocated: i.allocated_bytes,
         stored: Some(i.stored_bytes),
@@ -358,16 +361,11 @@ pub(crate) fn list_blocking(store_uri: &str, spec: &Spec) -> io::Result<Vec<Volu
         .map(|v| {
             let mut one = opts.clone();
             one.prefix = v.prefix.clone();
-            let endpoint = opts
-                .endpoint
-                .as_deref()
-                .map(|e| format!("?endpoint={e}"))
-                .unwrap_or_default();
             VolumeInfo {
                 kind: StoreKind::S3,
                 name: v.prefix.clone(),
                 location: format!("s3://{}", opts.bucket),
-                uri: format!("{}{endpoint}", one.display()),
+                uri: shown_uri(&one),
                 size: v.size,
                 allocated: v.allocated_bytes,
                 stored: None,
