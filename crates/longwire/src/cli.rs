@@ -53,7 +53,7 @@ pub enum Command {
     Attach(AttachArgs),
     /// Unmount what `longwire attach` mounted (the attach process then exits).
     Detach(DetachArgs),
-    /// Copy one volume onto another (file:, sqlite:, memory:, nbd://, nbds://), sparse-aware.
+    /// Copy one volume onto another (file:, sqlite:, s3://, memory:, nbd://, nbds://), sparse-aware.
     ///
     /// Both are volume URIs: file:PATH, sqlite:PATH?volume=NAME, memory:?size=N,
     /// nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, and over TLS
@@ -77,13 +77,13 @@ pub enum Command {
     /// To keep serving clients during the move, serve DST instead:
     /// --export disk='file:disk.img?clone-from=nbd://old-host/disk'.
     Migrate(MigrateArgs),
-    /// Create a volume: a sparse image file, or a volume in an SQLite database.
+    /// Create a volume: a sparse image file, or a volume in an SQLite database or an S3 bucket.
     Create(CreateArgs),
-    /// List the volumes of an SQLite database or the image files of a directory.
+    /// List the volumes of an SQLite database or S3 bucket prefix, or the image files of a directory.
     List(ListArgs),
     /// Show a volume's size, allocated bytes, chunk size and compression.
     Info(InfoArgs),
-    /// Delete a volume and its data (an SQLite volume or an image file).
+    /// Delete a volume and its data (an SQLite or S3 volume, or an image file).
     Delete(DeleteArgs),
 }
 
